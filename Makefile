@@ -1,0 +1,68 @@
+# traversal: one command sets everything up and runs the demo (`make demo`),
+# one sets everything up and runs the tests (`make test`). Both work on a fresh
+# Debian 12 machine as root: they apt-get the system packages and pip-install
+# the Python ones into .venv themselves.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Debian packages the lab, the TAP device and the tests need.
+APT_PACKAGES := nftables iproute2 iputils-ping tcpdump procps psmisc python3-venv python3-dev gcc
+
+NAT_A ?= cone
+NAT_B ?= cone
+PREFIX ?=
+
+.PHONY: all install system-packages test unit lint demo lab-up lab-down lab-status clean
+
+all: test
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "==> installing system packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "error: installing$$missing needs root (run as root or install them yourself)"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(MAKE) --no-print-directory system-packages
+	@echo "==> creating virtualenv $(VENV) and installing traversal with its test extras"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install
+	@$(MAKE) --no-print-directory system-packages
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -ra
+
+unit: install
+	$(VENV)/bin/pytest -q -ra tests/unit
+
+demo: install
+	@$(MAKE) --no-print-directory system-packages
+	$(PY) netns-lab/demo.py --nat-a $(NAT_A) --nat-b $(NAT_B)
+
+lab-up: install
+	$(PY) netns-lab/lab.py up --nat-a $(NAT_A) --nat-b $(NAT_B) $(if $(PREFIX),--prefix $(PREFIX))
+
+lab-down:
+	@if [ -x $(PY) ]; then $(PY) netns-lab/lab.py down $(if $(PREFIX),--prefix $(PREFIX),--all); \
+	 else $(PYTHON) netns-lab/lab.py down $(if $(PREFIX),--prefix $(PREFIX),--all); fi
+
+lab-status:
+	@$(PYTHON) netns-lab/lab.py status
+
+clean: lab-down
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,719 @@
+"""Network-namespace NAT lab: real Linux NATs (nftables) between two hosts and a closed WAN.
+
+Used by people (``python netns-lab/lab.py up --nat-a cone --nat-b symseq``) and by the
+lab tests (``tests/lab/conftest.py`` loads this file and builds a :class:`Lab` per test).
+
+Topology (``P`` is the per-run prefix, ``X`` is a peer, ``a`` or ``b``, ``i`` is 1 or 2)::
+
+    P-host-X  eth0 192.168.i.2/24, default via 192.168.i.1
+        |
+    P-nat-X   lan0 192.168.i.1/24   wan0 203.0.113.1i/24     (nftables NAT, per profile)
+        |
+    P-wan     br0 203.0.113.1/24 + 203.0.113.2/24            (relay / STUN, two addresses)
+
+``double`` puts ``P-cgn-X`` between the NAT and the WAN (cgn wan0 203.0.113.1i, cgn lan0
+100.64.i.1/24, nat wan0 100.64.i.2/24). ``public`` turns ``P-nat-X`` into a plain bridge
+and gives the host 203.0.113.2i/24 directly. The WAN has no default route and nothing is
+connected to the root namespace: the lab is a closed world.
+
+NAT profiles, in RFC 4787 terms (mapping = how the public port is chosen; filtering =
+which inbound packets reach the host):
+
+============  ===============================  ====================================  =======
+profile       mapping (RFC 4787 s4.1)           filtering (RFC 4787 s5)               inbound
+============  ===============================  ====================================  =======
+public        none (host has a public address)  none                                   open
+cone          endpoint-independent, port        address-and-port-dependent             dropped
+              preserved while free              ("port-restricted cone")
+fullcone      endpoint-independent, port        endpoint-independent once a mapping    mapped
+              preserved                         exists (true "full cone")              ports
+symrand       address-and-port-dependent,       address-and-port-dependent             dropped
+              random port per new flow
+symseq        address-and-port-dependent,       address-and-port-dependent             dropped
+              port = base + n * delta
+udpblock      TCP/ICMP as cone; UDP from LAN    address-and-port-dependent             dropped
+              to WAN is dropped
+double        two cone NATs in a row (CGN)      address-and-port-dependent, twice      dropped
+============  ===============================  ====================================  =======
+
+Every NAT drops unsolicited inbound ``ct state new`` on its WAN side (only ICMP echo to the
+router itself is answered). Without that, a peer's early punch packet creates a conntrack
+entry and the masquerade later picks another port for our outbound packet, which is not
+how home routers behave and breaks hole punching (see DESIGN.md, "The NAT lab").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+PROFILES = ("public", "cone", "fullcone", "symrand", "symseq", "udpblock", "double")
+PEERS = ("a", "b")
+BASE_ROLES = ("wan", "nat-a", "host-a", "nat-b", "host-b")
+#: Every role suffix a lab namespace can carry; down_all() deletes nothing else.
+ALL_ROLES = (*BASE_ROLES, "cgn-a", "cgn-b")
+
+RELAY_ADDRESSES = ("203.0.113.1", "203.0.113.2")
+WAN_PREFIXLEN = 24
+
+#: Prefixes are short and start with "tv" so crashed runs are recognisable and namespace
+#: names stay readable; the random part keeps parallel runs apart.
+PREFIX_RE = re.compile(r"^tv[0-9a-z]{1,12}$")
+NAMESPACE_RE = re.compile(r"^(tv[0-9a-z]{1,12})-(" + "|".join(re.escape(r) for r in ALL_ROLES) + r")$")
+
+STATE_DIR = Path("/run/traversal-lab")
+
+#: First public port and default step of the sequential symmetric NAT, and how many
+#: consecutive allocations it makes before wrapping around.
+SYMSEQ_BASE_PORT = 20000
+SYMSEQ_SLOTS = 256
+
+#: Outbound traffic keeps a full-cone mapping open this long (like a conntrack UDP stream).
+FULLCONE_MAPPING_TIMEOUT_S = 120
+
+COMMAND_TIMEOUT_S = 15.0
+
+
+class LabError(Exception):
+    """Building, using or tearing down the lab failed; the message says what to do."""
+
+
+class LabCommandError(LabError):
+    """A command run for the lab exited non-zero."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        detail = (stderr or stdout).strip().splitlines()
+        super().__init__(f"{' '.join(self.argv)!r} exited {returncode}: {detail[-1] if detail else 'no output'}")
+
+
+# --- nftables rulesets, one small function per profile -------------------------------------
+#
+# All NAT namespaces name their interfaces the same way: "wan0" faces the internet (or the
+# CGN), "lan0" faces the host. Rulesets live in one table, "ip lab", so `nft list ruleset`
+# inside a namespace shows exactly what the profile does.
+
+_INBOUND_GUARD = """\
+    chain input {
+        type filter hook input priority filter; policy accept;
+        # The router itself answers pings, which helps debugging and opens no NAT port.
+        iifname "wan0" ct state new icmp type echo-request accept
+        # Unsolicited inbound: dropping it before conntrack confirms the entry keeps a
+        # peer's early punch packet from occupying the tuple our own mapping needs.
+        iifname "wan0" ct state new counter drop comment "unsolicited inbound"
+    }
+"""
+
+
+def _forward_chain(extra: str = "") -> str:
+    return f"""\
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+{extra}        iifname "lan0" oifname "wan0" accept
+        iifname "wan0" counter drop comment "unsolicited inbound"
+    }}
+"""
+
+
+def ruleset_cone() -> str:
+    """Endpoint-independent mapping (masquerade keeps the port while it is free),
+    address-and-port-dependent filtering (only conntrack replies come back in)."""
+    return f"""\
+table ip lab {{
+{_INBOUND_GUARD}{_forward_chain()}    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" masquerade
+    }}
+}}
+"""
+
+
+def ruleset_fullcone(wan_address: str, host_address: str) -> str:
+    """Endpoint-independent mapping and filtering.
+
+    Outbound UDP/TCP is source-NATed with the port preserved (one host per NAT, so the
+    port is always free) and its (protocol, port) is recorded in a timed set that every
+    outbound packet refreshes. Inbound new flows to a recorded port are DNATed to the
+    host whatever their source: a mapping, once made, accepts anyone (RFC 4787 s5,
+    endpoint-independent filtering). Ports never used outbound stay closed.
+    """
+    inbound_dnat = '        iifname "wan0" oifname "lan0" ct status dnat accept\n'
+    return f"""\
+table ip lab {{
+    set mapped {{
+        type inet_proto . inet_service
+        flags dynamic, timeout
+        timeout {FULLCONE_MAPPING_TIMEOUT_S}s
+    }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "wan0" meta l4proto . th dport @mapped counter dnat to {host_address}
+    }}
+    chain track_mappings {{
+        # Before the forward chain's "established" shortcut, so every outbound packet,
+        # not just a flow's first, refreshes its port: the mapping lives while it is used.
+        type filter hook forward priority mangle; policy accept;
+        iifname "lan0" oifname "wan0" meta l4proto {{ tcp, udp }} update @mapped {{ meta l4proto . th sport }}
+    }}
+{_INBOUND_GUARD}{_forward_chain(inbound_dnat)}    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" snat to {wan_address}
+    }}
+}}
+"""
+
+
+def ruleset_symrand() -> str:
+    """Address-and-port-dependent mapping with a random public port for every new flow
+    (``masquerade random`` randomises even when the original port is free)."""
+    return f"""\
+table ip lab {{
+{_INBOUND_GUARD}{_forward_chain()}    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" masquerade random
+    }}
+}}
+"""
+
+
+def ruleset_symseq(wan_address: str, base_port: int, delta: int) -> str:
+    """Address-and-port-dependent mapping with sequential ports: the n-th new UDP/TCP flow
+    gets ``base_port + n * delta`` (mod SYMSEQ_SLOTS), whatever its destination.
+
+    The map turns the counter into a port because ``numgen`` alone yields a host byte
+    order value that snat would use as a network byte order port (LIBRARY-NOTES.md).
+    NAT chains see only a flow's first packet, so the counter advances once per flow.
+    """
+    last = base_port + (SYMSEQ_SLOTS - 1) * delta
+    if delta < 1 or last > 65535:
+        raise LabError(f"symseq delta {delta} runs past port 65535: use a delta of 1..{(65535 - base_port) // 255}")
+    slots = ", ".join(f"{n} : {base_port + n * delta}" for n in range(SYMSEQ_SLOTS))
+    port = f"numgen inc mod {SYMSEQ_SLOTS} map {{ {slots} }}"
+    return f"""\
+table ip lab {{
+{_INBOUND_GUARD}{_forward_chain()}    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" meta l4proto {{ tcp, udp }} snat to {wan_address} : {port}
+        oifname "wan0" masquerade
+    }}
+}}
+"""
+
+
+def ruleset_udpblock() -> str:
+    """UDP from the LAN never leaves (a firewall that only allows TCP); TCP and ICMP are
+    masqueraded as in ``cone``. Clients must fall back to the relay over TCP."""
+    udp_drop = '        iifname "lan0" oifname "wan0" meta l4proto udp counter drop comment "udp blocked"\n'
+    return f"""\
+table ip lab {{
+{_INBOUND_GUARD}{_forward_chain(udp_drop)}    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan0" masquerade
+    }}
+}}
+"""
+
+
+# --- namespace helpers shared by Lab and down_all ------------------------------------------
+
+
+def _run(argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT_S, input: str | None = None) -> str:
+    try:
+        proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        raise LabError(f"{argv[0]} not found: install iproute2 and nftables") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"{' '.join(argv)!r} timed out after {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        raise LabCommandError(argv, proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def list_namespaces() -> list[str]:
+    """Names of all named network namespaces (``ip netns list``)."""
+    out = _run(["ip", "netns", "list"])
+    # Lines look like "name (id: 3)" or just "name".
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def is_lab_namespace(name: str) -> bool:
+    """True if ``name`` follows the lab's naming scheme (``tv<id>-<role>``)."""
+    return NAMESPACE_RE.match(name) is not None
+
+
+def _kill_namespace_processes(ns: str, *, deadline_s: float = 5.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            pids = [int(p) for p in _run(["ip", "netns", "pids", ns]).split()]
+        except LabCommandError:
+            return  # namespace already gone
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise LabError(f"processes {pids} in namespace {ns} survive SIGKILL; check `ip netns pids {ns}`")
+        time.sleep(0.02)
+
+
+def _teardown_prefix(prefix: str, state_dir: Path) -> list[str]:
+    """Kill processes in and delete every namespace of one lab; returns the names deleted."""
+    existing = [ns for ns in list_namespaces() if NAMESPACE_RE.match(ns) and ns.startswith(prefix + "-")]
+    # Kill everywhere first: a process in one namespace may hold sockets peers still use.
+    for ns in existing:
+        _kill_namespace_processes(ns)
+    for ns in existing:
+        with contextlib.suppress(LabCommandError):  # raced with another teardown
+            _run(["ip", "netns", "del", ns])
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / f"{prefix}.json").unlink()
+    return existing
+
+
+def down_all(prefix_pattern: str = "tv*", *, state_dir: Path = STATE_DIR) -> list[str]:
+    """Remove leftovers of crashed runs: every namespace whose name follows the lab scheme
+    and whose prefix matches the shell pattern ``prefix_pattern``. Returns the names deleted.
+    Namespaces that merely start with "tv" but do not end in a lab role are never touched."""
+    prefixes = set()
+    for ns in list_namespaces():
+        match = NAMESPACE_RE.match(ns)
+        if match and fnmatch.fnmatchcase(match.group(1), prefix_pattern):
+            prefixes.add(match.group(1))
+    if state_dir.is_dir():
+        # A state file without namespaces (crash between writes) is stale too.
+        for path in state_dir.glob("*.json"):
+            if PREFIX_RE.match(path.stem) and fnmatch.fnmatchcase(path.stem, prefix_pattern):
+                prefixes.add(path.stem)
+    deleted: list[str] = []
+    for prefix in sorted(prefixes):
+        deleted += _teardown_prefix(prefix, state_dir)
+    return deleted
+
+
+def check_prerequisites() -> None:
+    """Raise LabError with a one-line reason if this machine cannot build a lab."""
+    if os.geteuid() != 0:
+        raise LabError("not root: the lab needs root to create network namespaces")
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("sysctl", "procps")):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} not found: install {package}")
+    try:
+        list_namespaces()
+    except LabError as exc:
+        raise LabError(f"`ip netns` does not work here: {exc}") from exc
+
+
+def _interfaces(ns: str) -> list[dict[str, Any]]:
+    return json.loads(_run(["ip", "-n", ns, "-j", "-4", "addr", "show"]) or "[]")
+
+
+# --- the lab -------------------------------------------------------------------------------
+
+
+class Lab:
+    """One NAT lab: a WAN, and for each of peers a and b a NAT (per profile) and a host.
+
+    ``Lab(nat_a="cone", nat_b="symseq")`` plans names and addresses; ``up()`` builds it,
+    ``down()`` (idempotent) kills every process inside and deletes the namespaces. Use it
+    as a context manager to get ``down()`` on every exit path.
+    """
+
+    def __init__(
+        self,
+        *,
+        nat_a: str = "cone",
+        nat_b: str = "cone",
+        prefix: str | None = None,
+        symseq_delta: int = 1,
+        delay_a_ms: int = 0,
+        delay_b_ms: int = 0,
+        state_dir: Path = STATE_DIR,
+    ) -> None:
+        for peer, profile in (("a", nat_a), ("b", nat_b)):
+            if profile not in PROFILES:
+                raise LabError(f"unknown NAT profile {profile!r} for peer {peer}: choose from {', '.join(PROFILES)}")
+        self.prefix = prefix if prefix is not None else "tv" + secrets.token_hex(2)
+        if not PREFIX_RE.match(self.prefix):
+            raise LabError(f"bad prefix {self.prefix!r}: use 'tv' followed by 1-12 lowercase letters or digits")
+        # TODO(link delay): one-way delay per peer is a later issue. There is no netem on
+        # this kernel, so it needs a userspace forwarder spliced between nat-X and the WAN
+        # bridge (see _build_peer). Until then refuse rather than silently ignore it.
+        if delay_a_ms or delay_b_ms:
+            raise LabError("link delay is not implemented yet (no netem here; needs a userspace forwarder)")
+        self.profiles = {"a": nat_a, "b": nat_b}
+        self.symseq_delta = symseq_delta
+        self.state_dir = state_dir
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._up = False
+        self.addresses = self._plan_addresses()
+
+    # -- naming and addressing ------------------------------------------------------------
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Roles present in this lab: the five base roles plus cgn-X for ``double`` peers."""
+        extra = tuple(f"cgn-{p}" for p in PEERS if self.profiles[p] == "double")
+        return BASE_ROLES + extra
+
+    def ns(self, role: str) -> str:
+        """Namespace name of ``role`` (e.g. "host-a" -> "tv1a2b-host-a")."""
+        if role not in self.roles:
+            raise LabError(f"no role {role!r} in this lab: roles are {', '.join(self.roles)}")
+        return f"{self.prefix}-{role}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.ns(role) for role in self.roles]
+
+    def _plan_addresses(self) -> dict[str, list[str]]:
+        plan: dict[str, list[str]] = {"wan": [f"{a}/{WAN_PREFIXLEN}" for a in RELAY_ADDRESSES]}
+        for i, peer in enumerate(PEERS, start=1):
+            profile = self.profiles[peer]
+            wan = f"203.0.113.1{i}/{WAN_PREFIXLEN}"
+            if profile == "public":
+                plan[f"nat-{peer}"] = [wan]
+                plan[f"host-{peer}"] = [f"203.0.113.2{i}/{WAN_PREFIXLEN}"]
+                continue
+            if profile == "double":
+                plan[f"cgn-{peer}"] = [wan, f"100.64.{i}.1/24"]
+                plan[f"nat-{peer}"] = [f"100.64.{i}.2/24", f"192.168.{i}.1/24"]
+            else:
+                plan[f"nat-{peer}"] = [wan, f"192.168.{i}.1/24"]
+            plan[f"host-{peer}"] = [f"192.168.{i}.2/24"]
+        return plan
+
+    def host_address(self, peer: str) -> str:
+        """The host's own address (what its sockets bind to)."""
+        return self.addresses[f"host-{peer}"][0].split("/")[0]
+
+    def public_address(self, peer: str) -> str:
+        """The address the WAN sees for traffic from this peer's host (its mapped address)."""
+        if self.profiles[peer] == "public":
+            return self.host_address(peer)
+        outer = f"cgn-{peer}" if self.profiles[peer] == "double" else f"nat-{peer}"
+        return self.addresses[outer][0].split("/")[0]
+
+    # -- running things inside ------------------------------------------------------------
+
+    def exec_argv(self, role: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside the namespace of ``role``."""
+        return ["ip", "netns", "exec", self.ns(role), *argv]
+
+    def run(
+        self, role: str, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
+        """Run a command to completion inside ``role``; output is captured as text unless
+        ``stdout``/``stderr`` are given. ``check`` raises LabCommandError on non-zero exit."""
+        if "stdout" not in kwargs and "stderr" not in kwargs:
+            kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        full = self.exec_argv(role, argv)
+        proc = subprocess.run(full, timeout=timeout, check=False, **kwargs)
+        if check and proc.returncode != 0:
+            raise LabCommandError(full, proc.returncode, proc.stdout or "", proc.stderr or "")
+        return proc
+
+    def popen(self, role: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a long-running command inside ``role``. ``down()`` kills and reaps it."""
+        # `ip netns exec` execs the command, so the Popen pid is the command itself.
+        proc = subprocess.Popen(self.exec_argv(role, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        self.up()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
+    def up(self) -> Self:
+        """Build every namespace, link, address, route, sysctl and ruleset. On any failure
+        the partial lab is torn down before the LabError propagates."""
+        if self._up:
+            return self
+        check_prerequisites()
+        taken = set(list_namespaces()) & set(self.namespaces)
+        if taken:
+            raise LabError(f"namespaces {sorted(taken)} exist: pick another prefix or run `lab.py down --all`")
+        try:
+            self._build()
+            self._write_state()
+        except BaseException:
+            self.down()
+            raise
+        self._up = True
+        return self
+
+    def down(self) -> None:
+        """Kill every process in the lab's namespaces and delete them. Safe to call twice,
+        or on a lab that never came up."""
+        try:
+            _teardown_prefix(self.prefix, self.state_dir)
+        finally:
+            for proc in self._procs:
+                # Killed above via `ip netns pids`; this reaps them (and catches any that
+                # were still in `ip netns exec` before entering the namespace).
+                if proc.poll() is None:
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+            self._procs.clear()
+            self._up = False
+
+    def _build(self) -> None:
+        for ns in self.namespaces:
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        wan = self.ns("wan")
+        _run(["ip", "-n", wan, "link", "add", "br0", "type", "bridge"])
+        for cidr in self.addresses["wan"]:
+            _run(["ip", "-n", wan, "addr", "add", cidr, "dev", "br0"])
+        _run(["ip", "-n", wan, "link", "set", "br0", "up"])
+        for peer in PEERS:
+            self._build_peer(peer)
+
+    def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
+        # Both ends are created directly inside lab namespaces: nothing ever appears in
+        # the root namespace, not even for an instant.
+        _run(["ip", "link", "add", name1, "netns", ns1, "type", "veth", "peer", "name", name2, "netns", ns2])
+        _run(["ip", "-n", ns1, "link", "set", name1, "up"])
+        _run(["ip", "-n", ns2, "link", "set", name2, "up"])
+
+    def _addr(self, ns: str, cidr: str, dev: str) -> None:
+        _run(["ip", "-n", ns, "addr", "add", cidr, "dev", dev])
+
+    def _build_peer(self, peer: str) -> None:
+        profile = self.profiles[peer]
+        wan, nat, host = self.ns("wan"), self.ns(f"nat-{peer}"), self.ns(f"host-{peer}")
+        nat_addrs, host_addr = self.addresses[f"nat-{peer}"], self.addresses[f"host-{peer}"][0]
+        outer = self.ns(f"cgn-{peer}") if profile == "double" else nat
+        # The namespace facing the WAN gets a port on the WAN bridge.
+        # TODO(link delay): a delay forwarder for this peer goes between `outer` and br0.
+        self._veth(outer, "wan0", wan, f"port-{peer}")
+        _run(["ip", "-n", wan, "link", "set", f"port-{peer}", "master", "br0"])
+        self._veth(nat, "lan0", host, "eth0")
+        for ns in {outer, nat}:
+            self._sysctl(ns, "net.ipv4.ip_forward=1")
+
+        if profile == "public":
+            # A modem in bridge mode: the host sits on the WAN segment with its own address.
+            _run(["ip", "-n", nat, "link", "add", "br0", "type", "bridge"])
+            for dev in ("wan0", "lan0"):
+                _run(["ip", "-n", nat, "link", "set", dev, "master", "br0"])
+            self._addr(nat, nat_addrs[0], "br0")
+            _run(["ip", "-n", nat, "link", "set", "br0", "up"])
+            self._addr(host, host_addr, "eth0")
+            return
+
+        if profile == "double":
+            cgn_wan, cgn_lan = self.addresses[f"cgn-{peer}"]
+            self._veth(outer, "lan0", nat, "wan0")
+            self._addr(outer, cgn_wan, "wan0")
+            self._addr(outer, cgn_lan, "lan0")
+            self._load_ruleset(outer, ruleset_cone())
+            nat_wan, nat_lan = nat_addrs
+            self._addr(nat, nat_wan, "wan0")
+            _run(["ip", "-n", nat, "route", "add", "default", "via", cgn_lan.split("/")[0]])
+        else:
+            nat_wan, nat_lan = nat_addrs
+            self._addr(nat, nat_wan, "wan0")
+        self._addr(nat, nat_lan, "lan0")
+        self._addr(host, host_addr, "eth0")
+        _run(["ip", "-n", host, "route", "add", "default", "via", nat_lan.split("/")[0]])
+        self._load_ruleset(nat, self._ruleset(peer))
+
+    def _ruleset(self, peer: str) -> str:
+        profile = self.profiles[peer]
+        wan_address = self.addresses[f"nat-{peer}"][0].split("/")[0]
+        if profile in ("cone", "double"):
+            return ruleset_cone()
+        if profile == "fullcone":
+            return ruleset_fullcone(wan_address, self.host_address(peer))
+        if profile == "symrand":
+            return ruleset_symrand()
+        if profile == "symseq":
+            return ruleset_symseq(wan_address, SYMSEQ_BASE_PORT, self.symseq_delta)
+        if profile == "udpblock":
+            return ruleset_udpblock()
+        raise LabError(f"no ruleset for profile {profile!r}")
+
+    def _sysctl(self, ns: str, setting: str) -> None:
+        # Inside the namespace only: net.ipv4.* sysctls are per network namespace.
+        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", setting])
+
+    def _load_ruleset(self, ns: str, ruleset: str) -> None:
+        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "profiles": self.profiles,
+            "symseq_delta": self.symseq_delta,
+            "namespaces": {role: self.ns(role) for role in self.roles},
+            "addresses": self.addresses,
+            "public": {p: self.public_address(p) for p in PEERS},
+            "relay": list(RELAY_ADDRESSES),
+        }
+
+    def _write_state(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / f"{self.prefix}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._state(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def attach(cls, prefix: str, *, state_dir: Path = STATE_DIR) -> Lab:
+        """A Lab object for a lab another process brought up (from its state file)."""
+        path = state_dir / f"{prefix}.json"
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise LabError(f"no lab with prefix {prefix!r} (no {path}); see `lab.py status`") from exc
+        lab = cls(
+            nat_a=state["profiles"]["a"],
+            nat_b=state["profiles"]["b"],
+            prefix=prefix,
+            symseq_delta=state.get("symseq_delta", 1),
+            state_dir=state_dir,
+        )
+        lab._up = True
+        return lab
+
+    def status(self) -> dict[str, Any]:
+        """The planned lab plus what actually exists: per role, the namespace, whether it
+        exists, and the IPv4 addresses found on its interfaces."""
+        existing = set(list_namespaces())
+        roles: dict[str, Any] = {}
+        for role in self.roles:
+            ns = self.ns(role)
+            found: dict[str, list[str]] = {}
+            if ns in existing:
+                for iface in _interfaces(ns):
+                    cidrs = [f"{a['local']}/{a['prefixlen']}" for a in iface.get("addr_info", [])]
+                    if cidrs and iface["ifname"] != "lo":
+                        found[iface["ifname"]] = cidrs
+            roles[role] = {"namespace": ns, "exists": ns in existing, "addresses": found}
+        return {**self._state(), "roles": roles}
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def _print_lab(state: Mapping[str, Any]) -> None:
+    profiles = state["profiles"]
+    print(f"lab {state['prefix']}: nat-a={profiles['a']} nat-b={profiles['b']}")
+    print(f"  relay/STUN (wan): {', '.join(state['relay'])}")
+    roles = state.get("roles")
+    for role, ns in state["namespaces"].items():
+        if roles is not None:
+            info = roles[role]
+            addrs = "; ".join(f"{dev} {' '.join(c)}" for dev, c in info["addresses"].items()) or "-"
+            mark = "" if info["exists"] else "  (MISSING)"
+            print(f"  {role:7} {ns:22} {addrs}{mark}")
+        else:
+            print(f"  {role:7} {ns:22} {' '.join(state['addresses'][role])}")
+    for peer in PEERS:
+        print(f"  peer {peer} is seen on the WAN as {state['public'][peer]}")
+
+
+def _known_prefixes(state_dir: Path) -> list[str]:
+    prefixes = {m.group(1) for ns in list_namespaces() if (m := NAMESPACE_RE.match(ns))}
+    if state_dir.is_dir():
+        prefixes |= {p.stem for p in state_dir.glob("*.json") if PREFIX_RE.match(p.stem)}
+    return sorted(prefixes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lab.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build a lab and leave it running")
+    up.add_argument("--nat-a", choices=PROFILES, default="cone")
+    up.add_argument("--nat-b", choices=PROFILES, default="cone")
+    up.add_argument("--prefix", help="namespace prefix (default: tv + 4 random hex digits)")
+    up.add_argument("--symseq-delta", type=int, default=1, help="port step of the symseq profile")
+    up.add_argument("--json", action="store_true", help="print the lab as JSON")
+    down = sub.add_parser("down", help="tear a lab down")
+    which = down.add_mutually_exclusive_group()
+    which.add_argument("--prefix", help="the lab to remove (default: the only one running)")
+    which.add_argument("--all", action="store_true", help="remove every lab namespace (tv*-<role>)")
+    status = sub.add_parser("status", help="show running labs")
+    status.add_argument("--prefix")
+    status.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    state_dir = STATE_DIR
+
+    try:
+        check_prerequisites()
+        if args.command == "up":
+            lab = Lab(nat_a=args.nat_a, nat_b=args.nat_b, prefix=args.prefix, symseq_delta=args.symseq_delta)
+            lab.up()
+            state = lab.status()
+            print(json.dumps(state, indent=2)) if args.json else _print_lab(state)
+            if not args.json:
+                print(f"tear down with: {sys.argv[0]} down --prefix {lab.prefix}")
+        elif args.command == "down":
+            if args.all:
+                deleted = down_all("tv*", state_dir=state_dir)
+            else:
+                prefixes = [args.prefix] if args.prefix else _known_prefixes(state_dir)
+                if len(prefixes) > 1:
+                    raise LabError(f"several labs ({', '.join(prefixes)}): pass --prefix or --all")
+                if args.prefix and not PREFIX_RE.match(args.prefix):
+                    raise LabError(f"bad prefix {args.prefix!r}: lab prefixes look like tv1a2b")
+                deleted = [ns for p in prefixes for ns in _teardown_prefix(p, state_dir)]
+            print(f"deleted {len(deleted)} namespaces" + (f": {' '.join(deleted)}" if deleted else ""))
+        else:
+            prefixes = [args.prefix] if args.prefix else _known_prefixes(state_dir)
+            states = []
+            for prefix in prefixes:
+                try:
+                    states.append(Lab.attach(prefix, state_dir=state_dir).status())
+                except LabError:
+                    # Namespaces without a state file: a crashed run; show them by name.
+                    names = [ns for ns in list_namespaces() if ns.startswith(prefix + "-") and is_lab_namespace(ns)]
+                    states.append({"prefix": prefix, "orphaned_namespaces": names})
+            if args.json:
+                print(json.dumps(states, indent=2))
+            elif not states:
+                print("no lab running")
+            for state in [] if args.json else states:
+                if "orphaned_namespaces" in state:
+                    print(f"lab {state['prefix']}: no state file; namespaces {' '.join(state['orphaned_namespaces'])}")
+                    print("  remove with: lab.py down --all")
+                else:
+                    _print_lab(state)
+    except LabError as exc:
+        print(f"lab.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The relay's counters and their Prometheus text exposition (format 0.0.4).
+
+The relay keeps plain integers (no client library: a handful of counters do
+not justify a dependency) and renders them on ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+#: Content type Prometheus expects for the text format.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Reasons an authentication can fail; pre-declared so each series exists
+#: (at 0) before the first failure, which keeps rate() queries honest.
+AUTH_FAILURE_REASONS = (
+    "unknown_network",
+    "bad_signature",
+    "not_a_member",
+    "duplicate_login",
+    "auth_timeout",
+)
+
+
+@dataclass
+class RelayCounters:
+    """Monotonic counters; gauges are computed from the relay's state when rendering."""
+
+    forwarded_bytes: int = 0
+    forwarded_frames: int = 0
+    dropped_frames: int = 0
+    protocol_errors: int = 0
+    releases: int = 0
+    sessions_created: int = 0
+    sessions_established: int = 0
+    auth_failures: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSample:
+    """One active session's traffic, labelled by the first 8 hex digits of its id."""
+
+    label: str
+    forwarded_bytes: int
+    forwarded_frames: int
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class _Exposition:
+    """Accumulates metric families in the text format: HELP, TYPE, then samples."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(
+        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[Mapping[str, str], int | float]]
+    ) -> None:
+        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self._lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                rendered = ",".join(f'{key}="{_escape_label(val)}"' for key, val in labels.items())
+                self._lines.append(f"{name}{{{rendered}}} {value}")
+            else:
+                self._lines.append(f"{name} {value}")
+
+    def single(self, name: str, kind: str, help_text: str, value: int | float) -> None:
+        self.family(name, kind, help_text, [({}, value)])
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def render_metrics(
+    counters: RelayCounters,
+    *,
+    clients_connected: int,
+    connections_open: int,
+    sessions: Iterable[SessionSample],
+) -> str:
+    """The whole ``/metrics`` page."""
+    out = _Exposition()
+    out.single(
+        "traversal_relay_clients_connected", "gauge", "Authenticated clients currently connected.", clients_connected
+    )
+    out.single(
+        "traversal_relay_connections_open",
+        "gauge",
+        "Open WebSocket connections, including ones still authenticating.",
+        connections_open,
+    )
+    session_list = list(sessions)
+    out.single("traversal_relay_sessions_active", "gauge", "Relay sessions with forwarding state.", len(session_list))
+    out.single(
+        "traversal_relay_sessions_created_total",
+        "counter",
+        "Relay sessions created by pairing.",
+        counters.sessions_created,
+    )
+    out.single(
+        "traversal_relay_sessions_established_total",
+        "counter",
+        "Relay sessions whose both ends sent READY.",
+        counters.sessions_established,
+    )
+    out.single(
+        "traversal_relay_forwarded_bytes_total",
+        "counter",
+        "Bytes of session frames forwarded between peers.",
+        counters.forwarded_bytes,
+    )
+    out.single(
+        "traversal_relay_forwarded_frames_total",
+        "counter",
+        "Session frames forwarded between peers.",
+        counters.forwarded_frames,
+    )
+    out.family(
+        "traversal_relay_session_forwarded_bytes",
+        "gauge",
+        "Bytes forwarded on an active session, both directions.",
+        [({"session": s.label}, s.forwarded_bytes) for s in session_list],
+    )
+    out.family(
+        "traversal_relay_session_forwarded_frames",
+        "gauge",
+        "Frames forwarded on an active session, both directions.",
+        [({"session": s.label}, s.forwarded_frames) for s in session_list],
+    )
+    reasons = dict.fromkeys(AUTH_FAILURE_REASONS, 0) | dict(counters.auth_failures)
+    out.family(
+        "traversal_relay_auth_failures_total",
+        "counter",
+        "Refused logins, by reason.",
+        [({"reason": reason}, count) for reason, count in sorted(reasons.items())],
+    )
+    out.single(
+        "traversal_relay_protocol_errors_total",
+        "counter",
+        "Connections closed for a protocol violation (malformed, unexpected, text or oversize frame).",
+        counters.protocol_errors,
+    )
+    out.single(
+        "traversal_relay_dropped_frames_total",
+        "counter",
+        "Frames dropped because their session is unknown, released, or not the sender's.",
+        counters.dropped_frames,
+    )
+    out.single(
+        "traversal_relay_releases_total",
+        "counter",
+        "Sessions released by their ends (gone direct).",
+        counters.releases,
+    )
+    return out.text()

@@ -1,0 +1,136 @@
+"""The relay path end to end, with real parts: a relay in the lab's WAN namespace, two peers
+behind nftables cone NATs, real TAP devices, real WebSocket/TLS, the real PQ handshake.
+
+The tests share one lab (building it and starting three processes is the slow part) and
+run in file order: traffic first, then refusals, then a relay restart.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.lab
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"traversal_netns_{name}", REPO / "netns-lab" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+overlay_module = _load("overlay")
+
+
+def _received(ping_output: str) -> tuple[int, int]:
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", ping_output)
+    assert match, f"unexpected ping output:\n{ping_output}"
+    return int(match.group(1)), int(match.group(2))
+
+
+@pytest.fixture(scope="module")
+def overlay(lab_module: ModuleType, lab_prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    lab = lab_module.Lab(nat_a="cone", nat_b="cone")
+    try:
+        lab.up()
+        run = overlay_module.Overlay(lab, tmp_path_factory.mktemp("relay-path"))
+        for name in ("a", "b", "stranger"):
+            run.keygen(name)
+        members = run.write_members(["a", "b"])
+        run.start_relay(members)
+        run.start_peer("a", "a")
+        run.start_peer("b", "b", extra=["--members", str(members)])
+        yield run
+    finally:
+        try:
+            if "run" in locals():
+                run.stop_all()
+        finally:
+            lab.down()
+
+
+def test_peers_reach_established_on_the_relay_path(overlay: Any) -> None:
+    started = time.monotonic()
+    peer_a = overlay.wait_path("a", "a", "relay", timeout=45)
+    peer_b = overlay.wait_path("b", "b", "relay", timeout=45)
+    assert peer_a["identity"] == overlay.pubkeys["b"]
+    assert peer_b["identity"] == overlay.pubkeys["a"]
+    # The relay reports each side's address as it observed it: the other NAT's public address.
+    lab = overlay.lab
+    assert peer_a["endpoint"].startswith(lab.public_address("b") + ":")
+    assert peer_b["endpoint"].startswith(lab.public_address("a") + ":")
+    status_a = overlay.status("a", "a")
+    assert status_a["trust"] == "relay-membership"  # a was started without --members
+    assert overlay.status("b", "b")["trust"] == "allow-list"
+    assert time.monotonic() - started < 45
+    log_a = overlay.log_text("a")
+    for event in ("event=joined", "event=handshake_done", "event=established", "event=path"):
+        assert event in log_a, f"peer a never logged {event}:\n{log_a}"
+
+
+def test_ping_crosses_the_tap_overlay_through_the_relay(overlay: Any) -> None:
+    overlay.wait_path("a", "a", "relay", timeout=45)
+    overlay.wait_path("b", "b", "relay", timeout=45)
+    before = overlay.metrics()["traversal_relay_forwarded_bytes_total"]
+    output = overlay.ping("a", "10.10.10.4", count=10, interval=0.1)
+    sent, received = _received(output)
+    assert (sent, received) == (10, 10), output
+    after = overlay.metrics()["traversal_relay_forwarded_bytes_total"]
+    # 10 echo requests and 10 replies of 98-byte Ethernet frames, sealed: well over 2000 bytes.
+    assert after - before >= 20 * 98, (before, after)
+    peer_a = overlay.status("a", "a")["peers"][0]
+    assert peer_a["tx_bytes"] > 0 and peer_a["rx_bytes"] > 0
+
+
+def test_relay_metrics_count_clients_and_sessions(overlay: Any) -> None:
+    metrics = overlay.metrics()
+    assert metrics["traversal_relay_clients_connected"] == 2
+    assert metrics["traversal_relay_sessions_active"] == 1
+    per_session = [v for k, v in metrics.items() if k.startswith("traversal_relay_session_forwarded_bytes{")]
+    assert per_session and per_session[0] > 0
+
+
+def test_non_member_is_refused_with_one_clear_line(overlay: Any) -> None:
+    failures_before = sum(
+        v for k, v in overlay.metrics().items() if k.startswith("traversal_relay_auth_failures_total")
+    )
+    # A /32 adds no route, so the stranger cannot disturb peer a in the same namespace.
+    proc = overlay.start_peer("stranger", "a", extra=["--tap", "tap9", "--address", "10.10.10.99/32"])
+    proc.wait(30)
+    assert proc.returncode not in (0, None)
+    log = overlay.log_text("stranger")
+    errors = [line for line in log.splitlines() if line.startswith("traversal: error:")]
+    assert len(errors) == 1 and "member" in errors[0], log
+    assert "Traceback" not in log
+    failures_after = sum(v for k, v in overlay.metrics().items() if k.startswith("traversal_relay_auth_failures_total"))
+    assert failures_after == failures_before + 1
+    # The members were not disturbed.
+    assert overlay.metrics()["traversal_relay_clients_connected"] == 2
+
+
+def test_relay_restart_mid_session_is_survived(overlay: Any) -> None:
+    overlay.wait_path("a", "a", "relay", timeout=45)
+    assert overlay.stop("relay") is not None
+    members = overlay.workdir / "members.txt"
+    overlay.start_relay(members)
+    # Both peers notice, reconnect with backoff, handshake again, and traffic resumes.
+    status_a = overlay.wait_path("a", "a", "relay", timeout=60)
+    overlay.wait_path("b", "b", "relay", timeout=60)
+    output = overlay.ping("a", "10.10.10.4", count=5, interval=0.2)
+    sent, received = _received(output)
+    assert received == sent, output
+    assert overlay.status("a", "a")["relay"]["connects"] >= 2
+    assert status_a["state"] == "established"

@@ -1,0 +1,99 @@
+"""Protocol timing constants and limits, in one place, under the seed's names.
+
+Like wireguard-go's ``constants.go``: every interval and limit that shapes the
+protocol lives here, so a reader can see the whole timing model at once.
+Durations are seconds (floats); the sans-I/O cores take ``now`` as an argument
+and compare it with these.
+"""
+
+from __future__ import annotations
+
+# --- Wire format -------------------------------------------------------------
+
+#: First byte of every frame. 0x0A lies outside the first-byte ranges of STUN
+#: (0-3) and QUIC (64-255) (RFC 7983, RFC 9443), so a frame can share a UDP
+#: 5-tuple with both and still be told apart by its first byte.
+WIRE_VERSION = 0x0A
+
+#: Largest encoded frame any parser accepts (a jumbo Ethernet frame plus the
+#: session's sealing overhead fits). Also the WebSocket ``max_size``.
+MAX_FRAME_SIZE = 10_240
+
+#: Largest end-to-end handshake message (ML-KEM-768 public key is 1184 bytes).
+MAX_HANDSHAKE_SIZE = 4_096
+
+#: Longest network name, in UTF-8 bytes.
+MAX_NETWORK_NAME = 64
+
+#: Longest human-readable reason in ERROR / PEER_LEFT frames, in UTF-8 bytes.
+MAX_REASON = 255
+
+# --- Session parameters announced in ESTABLISHED -------------------------------
+
+#: Default MTU of the TAP overlay. 1400 leaves room for IPv6 + UDP + QUIC +
+#: sealing overhead on a 1500-byte path.
+DEFAULT_MTU = 1400
+MIN_MTU = 576
+MAX_MTU = 9000
+
+#: The seed's ``HeartbeatInterval`` (seconds): how often a session proves
+#: liveness when it has nothing else to say.
+HEARTBEAT_INTERVAL = 5.0
+
+#: Without any authenticated record for this long, the peer is declared dead.
+DEAD_PEER_TIMEOUT = 3 * HEARTBEAT_INTERVAL
+
+#: The seed's ``KeyRotationInterval`` (seconds): send keys are ratcheted at
+#: least this often.
+KEY_ROTATION_INTERVAL = 120.0
+
+#: Ratchet the send key after this many records under one key, whatever the
+#: time (AEAD usage limit; far below the 2^64 counter space).
+REKEY_AFTER_MESSAGES = 1 << 24
+
+#: A receiver keeps the previous epoch's key this long after moving on, so
+#: records still in flight when the sender rotated are accepted.
+PREVIOUS_KEY_GRACE = 10.0
+
+#: Replay window width (counters), as WireGuard's: duplicates and counters
+#: older than this are dropped.
+REPLAY_WINDOW_SIZE = 2048
+
+# --- Handshake ----------------------------------------------------------------
+
+#: An end-to-end handshake not finished within this time is abandoned.
+HANDSHAKE_TIMEOUT = 10.0
+
+# --- Relay client -------------------------------------------------------------
+
+#: Reconnect backoff to the relay after a transient failure: first delay,
+#: factor, and ceiling.
+RECONNECT_INITIAL_DELAY = 0.5
+RECONNECT_BACKOFF_FACTOR = 2.0
+RECONNECT_MAX_DELAY = 30.0
+
+#: Relay-side: time an unauthenticated connection has to complete HELLO/AUTH.
+AUTH_TIMEOUT = 10.0
+
+# --- Direct path (later issues build on these) --------------------------------
+
+#: The seed: "If direct connection fails after 5 seconds, continue using relay".
+DIRECT_CONNECT_DEADLINE = 5.0
+
+#: The seed: "Retry direct connection every 60 seconds".
+DIRECT_RETRY_INTERVAL = 60.0
+
+# --- Relay server ---------------------------------------------------------------
+
+#: A second login for an identity already connected makes the relay ping the
+#: existing connection; no pong within this time means that connection is stale
+#: (e.g. the peer process restarted) and the newcomer replaces it.
+RELAY_DUPLICATE_PING_TIMEOUT = 2.0
+
+#: WebSocket keepalive on relay connections: ping this often, and drop a
+#: connection whose pong is this late (websockets' ping_interval/ping_timeout).
+RELAY_KEEPALIVE_INTERVAL = 20.0
+
+#: On shutdown the relay gives each client this long to take its
+#: SERVER_SHUTDOWN error frame before the close handshake starts.
+RELAY_SHUTDOWN_GRACE = 2.0

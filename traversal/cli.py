@@ -1,0 +1,399 @@
+"""The `traversal` command line: keygen, genpsk, pubkey, relay, connect, status.
+
+Every subcommand that takes many options also takes ``--config FILE`` (TOML,
+see ``traversal/config.py``); flags given on the command line win. Errors
+print one line and exit non-zero; there are no tracebacks for user mistakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from transport.identity import (
+    IdentityError,
+    encode_public,
+    generate_identity,
+    generate_psk,
+    load_identity,
+    load_members,
+    load_psk,
+    public_bytes,
+    save_identity,
+    save_psk,
+)
+from traversal.config import ConfigError, load_section
+from traversal.control import ControlError, default_control_path, find_control_socket, query
+from traversal.logfmt import setup_logging
+
+
+class UserError(click.ClickException):
+    """A mistake or refusal the user can fix; printed as one line, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"traversal: error: {self.message}", err=True)
+
+
+def _config_callback(section: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    """Eager --config: load the TOML table into ctx.default_map so flags still win."""
+
+    def callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is None:
+            return
+        allowed: dict[str, type | tuple[type, ...]] = {}
+        for param in ctx.command.params:
+            if not isinstance(param, click.Option) or param.name in (None, "config", "verbose"):
+                continue
+            if param.multiple:
+                allowed[param.name] = list
+            elif param.is_flag:
+                allowed[param.name] = bool
+            elif isinstance(param.type, click.types.IntParamType):
+                allowed[param.name] = int
+            elif isinstance(param.type, click.types.FloatParamType):
+                allowed[param.name] = (int, float)
+            else:
+                allowed[param.name] = str
+        try:
+            ctx.default_map = load_section(Path(value), section, allowed)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+
+    return callback
+
+
+def _config_option(section: str) -> Callable[[Any], Any]:
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_config_callback(section),
+        help=f"TOML file whose [{section}] table sets any of these options (flags win).",
+    )
+
+
+def _split_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"{what} must be HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443), got {value!r}")
+    return host, int(port)
+
+
+def _run(coro_factory: Callable[[], Any]) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(coro_factory())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="traversal")
+def main() -> None:
+    """traversal: a layer-2 peer-to-peer VPN whose relay is a matchmaker, not a middleman."""
+
+
+# --- keys --------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Where to write the identity.")
+@click.option("--force", is_flag=True, help="Overwrite an existing identity file.")
+def keygen(out: str, force: bool) -> None:
+    """Write a new Ed25519 identity (mode 0600) and print its public key."""
+    path = Path(out)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass --force to replace it (the old identity is lost)")
+    key = generate_identity()
+    try:
+        save_identity(key, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+    click.echo(encode_public(public_bytes(key)))
+
+
+@main.command()
+@click.option("--identity", required=True, type=click.Path(dir_okay=False), help="An identity file from keygen.")
+def pubkey(identity: str) -> None:
+    """Print the public key of an identity file (one line)."""
+    try:
+        click.echo(encode_public(public_bytes(load_identity(Path(identity)))))
+    except IdentityError as exc:
+        raise UserError(str(exc)) from None
+
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Where to write the PSK.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def genpsk(out: str, force: bool) -> None:
+    """Write a new 32-byte network pre-shared key (mode 0600) for --psk."""
+    path = Path(out)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass --force to replace it")
+    save_psk(generate_psk(), path)
+    click.echo(f"wrote {path}; give the same file to every member as --psk")
+
+
+# --- relay ---------------------------------------------------------------------
+
+
+@main.command()
+@_config_option("relay")
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT for WebSocket/TLS and /metrics.")
+@click.option(
+    "--members",
+    "members",
+    multiple=True,
+    metavar="NETWORK:FILE",
+    help="A network and its members file (one public key per line). Repeat for more networks.",
+)
+@click.option("--cert", type=click.Path(dir_okay=False), help="TLS certificate (PEM).")
+@click.option("--key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
+@click.option(
+    "--self-signed",
+    "self_signed",
+    type=click.Path(file_okay=False),
+    help="Directory for a self-signed cert.pem/key.pem (made if absent); clients pass cert.pem as --ca.",
+)
+@click.option("--insecure", is_flag=True, help="Serve plain ws:// without TLS (testing only).")
+@click.option("--mtu", type=int, default=None, help="Overlay MTU announced in ESTABLISHED.")
+@click.option("--heartbeat", type=int, default=None, help="Heartbeat interval (s) announced in ESTABLISHED.")
+@click.option("--key-rotation", "key_rotation", type=int, default=None, help="Key rotation interval (s) announced.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def relay(
+    listen: str,
+    members: tuple[str, ...],
+    cert: str | None,
+    key: str | None,
+    self_signed: str | None,
+    insecure: bool,
+    mtu: int | None,
+    heartbeat: int | None,
+    key_rotation: int | None,
+    verbose: bool,
+) -> None:
+    """Run the relay: login, pairing, end-to-end message forwarding, /metrics."""
+    from relay_server.server import RelayConfig, run_relay
+    from relay_server.tls import TlsError, ensure_self_signed, server_ssl_context
+    from transport.constants import MAX_MTU, MIN_MTU
+
+    setup_logging(verbose)
+    host, port = _split_hostport(listen, "--listen")
+    if not members:
+        raise UserError("no --members NETWORK:FILE given: the relay would admit nobody")
+    networks: dict[str, frozenset[bytes]] = {}
+    for item in members:
+        name, sep, file = item.partition(":")
+        if not sep or not name or not file:
+            raise UserError(f"--members must be NETWORK:FILE, got {item!r}")
+        try:
+            networks[name] = load_members(Path(file))
+        except IdentityError as exc:
+            raise UserError(str(exc)) from None
+    modes = sum(bool(x) for x in (cert or key, self_signed, insecure))
+    if modes != 1:
+        raise UserError("choose exactly one of --cert/--key, --self-signed DIR or --insecure")
+    try:
+        if self_signed:
+            cert_path, key_path, fingerprint = ensure_self_signed(Path(self_signed), host)
+            click.echo(f"relay certificate: {cert_path} (clients pass it as --ca)", err=True)
+            click.echo(f"certificate SHA-256 fingerprint: {fingerprint}", err=True)
+            ssl_context = server_ssl_context(cert_path, key_path)
+        elif cert or key:
+            if not (cert and key):
+                raise UserError("--cert and --key go together")
+            ssl_context = server_ssl_context(Path(cert), Path(key))
+        else:
+            ssl_context = None
+    except TlsError as exc:
+        raise UserError(str(exc)) from None
+    if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
+        raise UserError(f"--mtu must be between {MIN_MTU} and {MAX_MTU}")
+    config = RelayConfig(host=host, port=port, networks=networks, ssl=ssl_context)
+    if mtu is not None:
+        config.mtu = mtu
+    if heartbeat is not None:
+        if not 1 <= heartbeat <= 3600:
+            raise UserError("--heartbeat must be between 1 and 3600 seconds")
+        config.heartbeat_interval = heartbeat
+    if key_rotation is not None:
+        if not 10 <= key_rotation <= 86400:
+            raise UserError("--key-rotation must be between 10 and 86400 seconds")
+        config.key_rotation_interval = key_rotation
+    try:
+        _run(lambda: run_relay(config))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+# --- connect -------------------------------------------------------------------
+
+
+@main.command()
+@_config_option("connect")
+@click.option("--relay", "relay_url", metavar="wss://HOST:PORT", help="The relay to join.")
+@click.option("--ca", type=click.Path(dir_okay=False), help="The relay's certificate (its cert.pem) or CA bundle.")
+@click.option("--network", help="Network name, e.g. chr-001.")
+@click.option("--identity", type=click.Path(dir_okay=False), help="This node's identity file (traversal keygen).")
+@click.option("--tap", default="tap0", show_default=True, help="Name of the TAP device to create.")
+@click.option("--address", metavar="CIDR", help="Overlay address of this node, e.g. 10.10.10.3/24.")
+@click.option("--members", type=click.Path(dir_okay=False), help="Allow-list of peer public keys (pins membership).")
+@click.option("--psk", type=click.Path(dir_okay=False), help="Network pre-shared key file (traversal genpsk).")
+@click.option("--control", type=click.Path(), help="Control socket path [default: /run/traversal/TAP.sock].")
+@click.option("--insecure", is_flag=True, help="Allow a plain ws:// relay URL (testing only).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def connect(
+    relay_url: str | None,
+    ca: str | None,
+    network: str | None,
+    identity: str | None,
+    tap: str,
+    address: str | None,
+    members: str | None,
+    psk: str | None,
+    control: str | None,
+    insecure: bool,
+    verbose: bool,
+) -> None:
+    """Join a network through a relay and carry the TAP's Ethernet frames to its peers."""
+    from traversal.node import Node, NodeConfig, NodeError
+    from traversal.relay_client import RelayRefused, validate_relay_url
+
+    setup_logging(verbose)
+    missing = [
+        flag
+        for flag, value in (
+            ("--relay", relay_url),
+            ("--network", network),
+            ("--identity", identity),
+            ("--address", address),
+        )
+        if not value
+    ]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (give them as flags or in the [connect] table of --config)")
+    assert relay_url and network and identity and address
+    try:
+        validate_relay_url(relay_url, insecure)
+    except RelayRefused as exc:
+        raise UserError(exc.reason) from None
+    if relay_url.startswith("wss:") and not ca:
+        raise UserError(
+            "--ca is required with wss:// (the relay's cert.pem, printed by `traversal relay --self-signed`)"
+        )
+    try:
+        ipaddress.ip_interface(address)
+    except ValueError:
+        raise UserError(
+            f"--address must be an address with prefix length, e.g. 10.10.10.3/24, got {address!r}"
+        ) from None
+    if "/" not in address:
+        raise UserError(f"--address needs a prefix length, e.g. {address}/24")
+    try:
+        config = NodeConfig(
+            relay_url=relay_url,
+            ca=Path(ca) if ca else None,
+            network=network,
+            identity=load_identity(Path(identity)),
+            tap_name=tap,
+            address=address,
+            control_path=Path(control) if control else default_control_path(tap),
+            members=load_members(Path(members)) if members else None,
+            psk=load_psk(Path(psk)) if psk else None,
+            insecure=insecure,
+        )
+    except IdentityError as exc:
+        raise UserError(str(exc)) from None
+
+    async def run() -> None:
+        node = Node(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, node.stop)
+        await node.run()
+
+    try:
+        _run(run)
+    except NodeError as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:  # TAP and control-socket errors carry their own advice
+        from tap.device import TapError
+        from traversal.control import ControlError as _ControlError
+
+        if isinstance(exc, (TapError, _ControlError)):
+            raise UserError(str(exc)) from None
+        raise
+
+
+# --- status --------------------------------------------------------------------
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@main.command()
+@click.option("--control", type=click.Path(), help="The node's control socket [default: the only one running].")
+@click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
+def status(control: str | None, as_json: bool) -> None:
+    """Show what a running node is doing: relay, trust, and per peer path, endpoint, bytes, RTT."""
+    try:
+        path = Path(control) if control else find_control_socket()
+        reply = query(path)
+    except ControlError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    relay_info = reply.get("relay", {})
+    click.echo(f"identity  {reply.get('identity')}")
+    click.echo(f"network   {reply.get('network')}   trust: {reply.get('trust')}")
+    click.echo(
+        f"relay     {relay_info.get('url')}   {relay_info.get('state')}"
+        + (f"   seen as {relay_info['observed']}" if relay_info.get("observed") else "")
+        + (f"   last error: {relay_info['last_error']}" if relay_info.get("last_error") else "")
+    )
+    tap_info = reply.get("tap", {})
+    click.echo(f"tap       {tap_info.get('name')} {tap_info.get('address')} mtu {tap_info.get('mtu')}")
+    peers = reply.get("peers", [])
+    if not peers:
+        click.echo("peers     none yet")
+        return
+    rows = [("PEER", "STATE", "PATH", "ENDPOINT", "RX", "TX", "RTT", "AGE")]
+    for p in peers:
+        rtt = f"{p['rtt_ms']:.1f} ms" if p.get("rtt_ms") is not None else "-"
+        age = f"{p['session_age_s']:.0f} s" if p.get("session_age_s") is not None else "-"
+        rows.append(
+            (
+                p.get("identity", "?"),
+                p.get("state", "?"),
+                p.get("path") or "-",
+                p.get("endpoint") or "-",
+                _fmt_bytes(p.get("rx_bytes")),
+                _fmt_bytes(p.get("tx_bytes")),
+                rtt,
+                age,
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    click.echo("")
+    for row in rows:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

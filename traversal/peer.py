@@ -1,0 +1,347 @@
+"""One peer as this node sees it: handshake, then session, over one relay session id.
+
+``PeerLink`` is sans-I/O like the cores it wraps: the node feeds it frames
+and the time, and sends whatever wire frames it returns. Its life:
+
+    HANDSHAKING --handshake done, READY sent--> AWAITING_ESTABLISHED
+        --ESTABLISHED from the relay--> ESTABLISHED --BYE / dead / left--> CLOSED
+
+A handshake that does not finish in time is restarted by the initiator (the
+responder simply accepts the new first message). A peer silent past the
+dead-peer timeout is re-handshaken the same way on the same relay session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from transport import frames
+from transport.constants import DEFAULT_MTU, HANDSHAKE_TIMEOUT
+from transport.frames import MsgType
+from transport.handshake import MSG1_SIZE, Handshake, HandshakeError, HandshakeState, is_initiator
+from transport.identity import encode_public, public_bytes, short_id
+from transport.session import (
+    FrameReceived,
+    HeartbeatRtt,
+    KeyRotated,
+    PeerClosed,
+    PeerDead,
+    RecordDropped,
+    Session,
+    SessionEvent,
+)
+from traversal.logfmt import log_event
+
+log = logging.getLogger("traversal.peer")
+
+#: Ethernet header (14) + 802.1Q tag (4): the largest frame is MTU + 18 bytes.
+ETHERNET_OVERHEAD = 18
+MIN_ETHERNET_FRAME = 14
+
+
+class LinkState(Enum):
+    HANDSHAKING = "handshaking"
+    AWAITING_ESTABLISHED = "awaiting-established"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+@dataclass
+class LinkCounters:
+    tx_bytes: int = 0  # wire bytes of sealed records sent
+    rx_bytes: int = 0
+    tx_frames: int = 0  # Ethernet frames
+    rx_frames: int = 0
+    dropped_oversize: int = 0
+    handshakes: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def handshake_prologue(network: str, session_id: bytes) -> bytes:
+    """Bind the handshake to this network and this relay session."""
+    return b"traversal/1\x00" + network.encode("utf-8") + b"\x00" + session_id
+
+
+class PeerLink:
+    """Handshake and session with one peer, reached through one relay session id."""
+
+    def __init__(
+        self,
+        *,
+        session_id: bytes,
+        peer: bytes,
+        identity: Ed25519PrivateKey,
+        network: str,
+        psk: bytes | None,
+        allowed_peers: frozenset[bytes] | None,
+        now: float,
+    ) -> None:
+        self.session_id = session_id
+        self.peer = peer
+        self.peer_name = short_id(peer)
+        self.sid = session_id.hex()[:8]
+        self._identity = identity
+        self._network = network
+        self._psk = psk
+        self._allowed = allowed_peers
+        self.initiator = is_initiator(public_bytes(identity), peer)
+        self.state = LinkState.HANDSHAKING
+        self.counters = LinkCounters()
+        self.session: Session | None = None
+        self.session_tag = ""
+        self.established: frames.Established | None = None
+        self.established_at: float | None = None
+        self.created_at = now
+        self.created_wall = time.time()
+        self.last_rtt: float | None = None
+        self.last_error: str | None = None
+        self.mtu = DEFAULT_MTU
+        self._handshake: Handshake | None = None
+        self._handshake_deadline: float | None = None
+        self._restart_pending = False
+
+    # --- handshake -------------------------------------------------------------
+
+    def _new_handshake(self, now: float) -> Handshake:
+        self.counters.handshakes += 1
+        self._handshake_deadline = now + HANDSHAKE_TIMEOUT
+        return Handshake(
+            initiator=self.initiator,
+            identity=self._identity,
+            prologue=handshake_prologue(self._network, self.session_id),
+            psk=self._psk,
+            allowed_peers=self._allowed,
+            expected_peer=self.peer,
+        )
+
+    def start(self, now: float) -> list[bytes]:
+        """Begin (or restart) the handshake; returns frames to send."""
+        self.state = LinkState.HANDSHAKING
+        self.session = None
+        self._handshake = self._new_handshake(now)
+        if not self.initiator:
+            return []
+        log_event(log, "handshake_start", peer=self.peer_name, session=self.sid, role="initiator")
+        return [frames.encode_session_frame(MsgType.HANDSHAKE, self.session_id, self._handshake.start())]
+
+    def _on_handshake(self, payload: bytes, now: float) -> list[bytes]:
+        restarted = self._handshake is None or self._handshake.state is not HandshakeState.START
+        if not self.initiator and self.state is not LinkState.ESTABLISHED and restarted and len(payload) == MSG1_SIZE:
+            # A first message while we wait means the initiator restarted: follow it.
+            # Once established, a stray first message (a replay) is ignored.
+            self._handshake = self._new_handshake(now)
+        if self._handshake is None or self.state is LinkState.ESTABLISHED:
+            log_event(log, "handshake_ignored", logging.DEBUG, peer=self.peer_name, session=self.sid)
+            return []
+        try:
+            reply = self._handshake.receive(payload)
+        except HandshakeError as exc:
+            self.last_error = str(exc)
+            log_event(log, "handshake_failed", logging.WARNING, peer=self.peer_name, session=self.sid, reason=str(exc))
+            self._handshake = self._new_handshake(now) if not self.initiator else None
+            return []
+        out: list[bytes] = []
+        if reply is not None:
+            out.append(frames.encode_session_frame(MsgType.HANDSHAKE, self.session_id, reply))
+        if self._handshake.complete:
+            out += self._handshake_done(now)
+        return out
+
+    def _handshake_done(self, now: float) -> list[bytes]:
+        assert self._handshake is not None
+        result = self._handshake.result
+        self._handshake = None
+        self._handshake_deadline = now + HANDSHAKE_TIMEOUT  # ESTABLISHED must follow in time
+        self.session = Session(send_key=result.send_key, recv_key=result.recv_key, now=now)
+        self.session_tag = result.session_tag.hex()
+        self.state = LinkState.AWAITING_ESTABLISHED
+        self.last_error = None
+        log_event(
+            log,
+            "handshake_done",
+            peer=self.peer_name,
+            session=self.sid,
+            e2e=self.session_tag,
+            role="initiator" if self.initiator else "responder",
+        )
+        out = [frames.encode(frames.Ready(self.session_id))]
+        self._maybe_established(now)
+        return out
+
+    # --- relay signals -----------------------------------------------------------
+
+    def on_established(self, est: frames.Established, now: float) -> None:
+        """The relay's ESTABLISHED: remembered even if it overtakes our handshake's end."""
+        self.established = est
+        self.mtu = est.mtu
+        self._maybe_established(now)
+
+    def _maybe_established(self, now: float) -> None:
+        # ESTABLISHED depends only on the relay session, not on which handshake
+        # run produced our keys, so whichever arrives second completes the link.
+        if self.session is None or self.established is None or self.state is LinkState.ESTABLISHED:
+            return
+        est = self.established
+        self.state = LinkState.ESTABLISHED
+        self.established_at = now
+        self._handshake_deadline = None
+        self.session.set_intervals(
+            heartbeat_interval=float(est.heartbeat_interval),
+            key_rotation_interval=float(est.key_rotation_interval),
+            now=now,
+        )
+        log_event(
+            log,
+            "established",
+            peer=self.peer_name,
+            session=self.sid,
+            endpoint=self.endpoint,
+            mtu=est.mtu,
+            heartbeat=est.heartbeat_interval,
+            rekey=est.key_rotation_interval,
+            direct_capable=est.peer_supports_direct,
+        )
+        log_event(log, "path", peer=self.peer_name, session=self.sid, path="relay", reason="no direct path yet")
+
+    @property
+    def endpoint(self) -> str | None:
+        if self.established is None:
+            return None
+        ip = self.established.peer_public_ip
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"{host}:{self.established.peer_public_port}"
+
+    # --- data ------------------------------------------------------------------
+
+    def send_frame(self, frame: bytes, now: float) -> list[bytes]:
+        """Seal one Ethernet frame for the wire (plus a REKEY if sealing rotated the key)."""
+        if self.state is not LinkState.ESTABLISHED or self.session is None:
+            return []
+        payload = self.session.send_frame(frame, now)
+        self.counters.tx_frames += 1
+        self.counters.tx_bytes += len(payload)
+        data = frames.encode_session_frame(MsgType.DATA, self.session_id, payload)
+        return [*self._drain(), data] if self.session.has_output else [data]
+
+    def on_frame(self, frame: frames.SessionFrame, now: float) -> tuple[list[bytes], list[bytes]]:
+        """Handle a forwarded frame; returns (wire frames to send, Ethernet frames for the TAP)."""
+        if frame.type == MsgType.HANDSHAKE:
+            return self._on_handshake(frame.payload, now), []
+        if self.session is None:
+            return [], []
+        self.counters.rx_bytes += len(frame.payload)
+        events = self.session.receive(frame.type, frame.payload, now)
+        return self._drain(), self._handle_events(events, now)
+
+    def _handle_events(self, events: list[SessionEvent], now: float) -> list[bytes]:
+        delivered: list[bytes] = []
+        for event in events:
+            if isinstance(event, FrameReceived):
+                if not MIN_ETHERNET_FRAME <= len(event.frame) <= self.mtu + ETHERNET_OVERHEAD:
+                    self.counters.dropped_oversize += 1
+                    continue
+                self.counters.rx_frames += 1
+                delivered.append(event.frame)
+            elif isinstance(event, HeartbeatRtt):
+                self.last_rtt = event.rtt
+            elif isinstance(event, KeyRotated):
+                log_event(
+                    log,
+                    "key_rotated",
+                    peer=self.peer_name,
+                    session=self.sid,
+                    direction=event.direction,
+                    epoch=event.epoch,
+                )
+            elif isinstance(event, PeerClosed):
+                log_event(log, "peer_bye", peer=self.peer_name, session=self.sid, reason=event.reason)
+                self.state = LinkState.CLOSED
+            elif isinstance(event, PeerDead):
+                log_event(
+                    log,
+                    "peer_dead",
+                    logging.WARNING,
+                    peer=self.peer_name,
+                    session=self.sid,
+                    silent_for=event.silent_for,
+                )
+                self.last_error = f"peer silent for {event.silent_for:.1f}s"
+                self.session = None
+                self._restart_pending = True
+            elif isinstance(event, RecordDropped):
+                self.counters.extra[event.reason] = self.counters.extra.get(event.reason, 0) + 1
+                log_event(
+                    log, "record_dropped", logging.DEBUG, peer=self.peer_name, session=self.sid, reason=event.reason
+                )
+        return delivered
+
+    def _drain(self) -> list[bytes]:
+        if self.session is None:
+            return []
+        return [
+            frames.encode_session_frame(kind, self.session_id, payload)
+            for kind, payload in self.session.records_to_send()
+        ]
+
+    # --- time ------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self._handshake_deadline, self.session and self.session.next_deadline()) if d]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> list[bytes]:
+        out: list[bytes] = []
+        if self._handshake_deadline is not None and now >= self._handshake_deadline:
+            if self.state is not LinkState.ESTABLISHED:
+                reason = "handshake timed out" if self.state is LinkState.HANDSHAKING else "no ESTABLISHED from relay"
+                log_event(log, "handshake_retry", logging.WARNING, peer=self.peer_name, session=self.sid, reason=reason)
+                self.last_error = reason
+                return self.start(now)
+            self._handshake_deadline = None
+        if self.session is not None:
+            self._handle_events(self.session.handle_timer(now), now)
+            out += self._drain()
+        if self._restart_pending:
+            self._restart_pending = False
+            out += self.start(now)
+        return out
+
+    def close(self, reason: str, now: float) -> list[bytes]:
+        """Say BYE (if there is a session) and stop."""
+        out: list[bytes] = []
+        if self.session is not None and self.state is not LinkState.CLOSED:
+            out.append(frames.encode_session_frame(MsgType.BYE, self.session_id, self.session.close(reason, now)))
+        self.state = LinkState.CLOSED
+        self.session = None
+        self._handshake = None
+        self._handshake_deadline = None
+        return out
+
+    # --- status ----------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "identity": encode_public(self.peer),
+            "name": self.peer_name,
+            "state": self.state.value,
+            "path": "relay" if self.state is LinkState.ESTABLISHED else None,
+            "endpoint": self.endpoint,
+            "session_id": self.session_id.hex(),
+            "e2e_session": self.session_tag or None,
+            "role": "initiator" if self.initiator else "responder",
+            "rx_bytes": self.counters.rx_bytes,
+            "tx_bytes": self.counters.tx_bytes,
+            "rx_frames": self.counters.rx_frames,
+            "tx_frames": self.counters.tx_frames,
+            "rtt_ms": round(self.last_rtt * 1000, 2) if self.last_rtt is not None else None,
+            "session_age_s": round(now - self.established_at, 1) if self.established_at is not None else None,
+            "handshakes": self.counters.handshakes,
+            "dropped": dict(self.counters.extra),
+            "last_error": self.last_error,
+        }
