@@ -673,8 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab = Lab(nat_a=args.nat_a, nat_b=args.nat_b, prefix=args.prefix, symseq_delta=args.symseq_delta)
             lab.up()
             state = lab.status()
-            print(json.dumps(state, indent=2)) if args.json else _print_lab(state)
-            if not args.json:
+            if args.json:
+                print(json.dumps(state, indent=2))
+            else:
+                _print_lab(state)
                 print(f"tear down with: {sys.argv[0]} down --prefix {lab.prefix}")
         elif args.command == "down":
             if args.all:

@@ -116,6 +116,9 @@ class _ClientRefused(RelayError):
         self.event = event  # "auth_failed" or "protocol_error"
         self.close_code = close_code
         self.metric_reason = metric_reason
+        #: Who the client claimed to be, once its HELLO was read (for the log line).
+        self.network = "-"
+        self.peer = "-"
 
 
 def _protocol_error(reason: str) -> _ClientRefused:
@@ -297,8 +300,8 @@ def _session_id_of(data: bytes, kind: MsgType) -> bytes:
     return data[_SESSION_ID_SLICE]
 
 
-def _classify(data: str | bytes) -> MsgType:
-    """Check what every client message must be (binary, in bounds, a known type) and return its type."""
+def _classify(data: str | bytes) -> tuple[MsgType, bytes]:
+    """Check what every client message must be (binary, in bounds, a known type); return its type and bytes."""
     if isinstance(data, str):
         raise _protocol_error("text message: the relay protocol uses binary frames only")
     if len(data) > MAX_FRAME_SIZE:
@@ -309,7 +312,7 @@ def _classify(data: str | bytes) -> MsgType:
             close_code=CloseCode.MESSAGE_TOO_BIG,
         )
     try:
-        return peek_type(data)
+        return peek_type(data), data
     except FrameError as exc:
         raise _protocol_error(f"malformed frame: {exc}") from None
 
@@ -338,12 +341,14 @@ class RelayServer:
         self._networks = _validate_networks(config.networks)
         self.port: int = config.port
         self._server: Server | None = None
+        self._close_task: asyncio.Task[None] | None = None
         self._closing = False
         #: Every WebSocket connection inside the handler, authenticated or not.
         self._connections: set[ServerConnection] = set()
         #: network -> identity -> admitted client.
         self._clients: dict[str, dict[bytes, _Client]] = {}
         self._sessions: dict[bytes, _Session] = {}
+        self._labels: set[bytes] = set()
         self._counters = RelayCounters()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -373,9 +378,17 @@ class RelayServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        """Tell every client the relay is going away (ERROR SERVER_SHUTDOWN), close with 1001, wait for handlers."""
-        if self._server is None or self._closing:
+        """Tell every client the relay is going away (ERROR SERVER_SHUTDOWN), close with 1001, wait for handlers.
+
+        Idempotent; concurrent callers all wait for the one shutdown.
+        """
+        if self._server is None:
             return
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(self._shutdown(self._server))
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self, server: Server) -> None:
         self._closing = True
         notice = encode(Error(ErrorCode.SERVER_SHUTDOWN, "relay shutting down"))
 
@@ -384,12 +397,13 @@ class RelayServer:
                 async with asyncio.timeout(RELAY_SHUTDOWN_GRACE):
                     await ws.send(notice)
 
-        await asyncio.gather(*(tell(ws) for ws in list(self._connections)))
-        self._server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="relay shutting down")
-        await self._server.wait_closed()
+        open_connections = list(self._connections)
+        await asyncio.gather(*(tell(ws) for ws in open_connections))
+        server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="relay shutting down")
+        await server.wait_closed()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        log.info(_kv("shutdown", connections=len(self._connections)))
+        log.info(_kv("shutdown", connections=len(open_connections)))
 
     # --- operator interface ---------------------------------------------------------
 
@@ -466,21 +480,28 @@ class RelayServer:
     # --- one connection ---------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        observed = _observed_address(ws)
-        if observed is None:
-            return
         self._connections.add(ws)
-        addr = _format_addr(*observed)
+        addr = "-"
         client: _Client | None = None
         leave_reason = "disconnected"
         try:
-            client = await self._authenticate(ws, observed)
+            observed = _observed_address(ws)
+            if observed is None:
+                return  # gone before we looked
+            addr = _format_addr(*observed)
+            client, new_sessions = await self._authenticate(ws, observed)
+            # No await between admission and here: the client is in the registry
+            # only while this handler owns it, so the finally below always cleans up.
+            await self._announce(client, new_sessions)
             await self._serve(client)
         except _ClientRefused as refusal:
+            self._record_refusal(addr, client, refusal)
             leave_reason = "protocol error" if refusal.event == "protocol_error" else "refused"
             if client is not None:
                 await self._leave(client, leave_reason)
-            await self._refuse(ws, addr, client, refusal)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(encode(Error(refusal.code, _clip(refusal.reason))))
+            await ws.close(refusal.close_code, refusal.code.name.lower().replace("_", " "))
         except ConnectionClosed as exc:
             # websockets itself closes with 1009 above max_size; that is the client's protocol error.
             if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
@@ -502,9 +523,13 @@ class RelayServer:
                 await ws.close(CloseCode.INTERNAL_ERROR, "relay internal error")
         finally:
             self._connections.discard(ws)
+            if self._closing:
+                leave_reason = "relay shutting down"
             if client is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await self._leave(client, leave_reason)
+                except Exception:
+                    log.exception(_kv("internal_error", addr=addr, peer=client.name, stage="leave"))
 
     async def _recv_pre_auth(self, ws: ServerConnection, deadline: float, expected: MsgType) -> bytes:
         try:
@@ -516,11 +541,10 @@ class RelayServer:
                 f"no {expected.name} within {self._config.auth_timeout:g} s of connecting",
                 "auth_timeout",
             ) from None
-        kind = _classify(data)
+        kind, frame = _classify(data)
         if kind != expected:
             raise _protocol_error(f"expected {expected.name}, got {kind.name}: authenticate (HELLO, AUTH) first")
-        assert isinstance(data, bytes)  # _classify refused text
-        return data
+        return frame
 
     def _check_member(self, network: str, identity: bytes) -> None:
         members = self._networks.get(network)
@@ -536,34 +560,44 @@ class RelayServer:
                 "not_a_member",
             )
 
-    async def _authenticate(self, ws: ServerConnection, observed: tuple[str, int]) -> _Client:
+    async def _authenticate(self, ws: ServerConnection, observed: tuple[str, int]) -> tuple[_Client, list[_Session]]:
+        """HELLO, CHALLENGE, AUTH, membership, duplicate check; on success the client is admitted."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.auth_timeout
         hello = _decode_as(await self._recv_pre_auth(ws, deadline, MsgType.HELLO), Hello)
-        if hello.network not in self._networks:
-            raise _auth_failure(
-                ErrorCode.UNKNOWN_NETWORK, f"network '{hello.network}' is not served by this relay", "unknown_network"
-            )
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        await ws.send(encode(Challenge(nonce)))
-        auth = _decode_as(await self._recv_pre_auth(ws, deadline, MsgType.AUTH), Auth)
         try:
-            public = Ed25519PublicKey.from_public_bytes(hello.identity)
-            public.verify(auth.signature, relay_auth_message(hello.network, hello.identity, nonce))
-        except (InvalidSignature, ValueError):
-            raise _auth_failure(
-                ErrorCode.BAD_SIGNATURE,
-                f"the AUTH signature does not verify for identity {encode_public(hello.identity)}",
-                "bad_signature",
-            ) from None
-        # Membership only after the signature: nobody learns who is on the list without the key.
-        self._check_member(hello.network, hello.identity)
-        client = _Client(ws, hello.network, hello.identity, hello.supports_direct, observed)
-        await self._claim_slot(client)
-        new_sessions = self._admit(client)
-        # _admit and these sends share no await before the first write, so AUTH_OK
-        # is always the first thing the client hears after CHALLENGE.
-        await ws.send(encode(AuthOk(*observed)))
+            if hello.network not in self._networks:
+                raise _auth_failure(
+                    ErrorCode.UNKNOWN_NETWORK,
+                    f"network '{hello.network}' is not served by this relay",
+                    "unknown_network",
+                )
+            nonce = secrets.token_bytes(NONCE_SIZE)
+            await ws.send(encode(Challenge(nonce)))
+            auth = _decode_as(await self._recv_pre_auth(ws, deadline, MsgType.AUTH), Auth)
+            try:
+                public = Ed25519PublicKey.from_public_bytes(hello.identity)
+                public.verify(auth.signature, relay_auth_message(hello.network, hello.identity, nonce))
+            except (InvalidSignature, ValueError):
+                raise _auth_failure(
+                    ErrorCode.BAD_SIGNATURE,
+                    f"the AUTH signature does not verify for identity {encode_public(hello.identity)}",
+                    "bad_signature",
+                ) from None
+            # Membership only after the signature: nobody learns who is on the list without the key.
+            self._check_member(hello.network, hello.identity)
+            client = _Client(ws, hello.network, hello.identity, hello.supports_direct, observed)
+            await self._claim_slot(client)
+        except _ClientRefused as refusal:
+            refusal.network, refusal.peer = hello.network, short_id(hello.identity)
+            raise
+        return client, self._admit(client)
+
+    async def _announce(self, client: _Client, new_sessions: list[_Session]) -> None:
+        """AUTH_OK to the newcomer, then PEER_JOINED to both ends of each new session."""
+        # The first write happens before any await, so AUTH_OK always precedes
+        # any PEER_JOINED another newcomer could send this client.
+        await self._send(client, encode(AuthOk(*client.observed)))
         log.info(
             _kv(
                 "auth_ok",
@@ -581,7 +615,6 @@ class RelayServer:
             log.info(_kv("paired", network=session.network, session=session.label, a=other.name, b=client.name))
             await self._send(client, encode(PeerJoined(session.session_id, other.identity)))
             await self._send(other, encode(PeerJoined(session.session_id, client.identity)))
-        return client
 
     async def _claim_slot(self, client: _Client) -> None:
         """Make room for ``client``'s identity: refuse it if a live login holds the slot, evict a stale one."""
@@ -623,8 +656,11 @@ class RelayServer:
         sessions = []
         for other in peers.values():
             session_id = secrets.token_bytes(SESSION_ID_SIZE)
-            while session_id in self._sessions:  # 2^-128, but a collision would cross-wire two pairs
+            # Unique in the first 4 bytes too: that prefix is the session's label in logs and
+            # metrics, and two series with one label would make Prometheus reject the scrape.
+            while session_id[:4] in self._labels:
                 session_id = secrets.token_bytes(SESSION_ID_SIZE)
+            self._labels.add(session_id[:4])
             session = _Session(session_id, client.network, a=other, b=client)
             self._sessions[session_id] = session
             other.sessions[session_id] = session
@@ -636,11 +672,13 @@ class RelayServer:
 
     async def _serve(self, client: _Client) -> None:
         while True:
-            data = await client.ws.recv()
+            message = await client.ws.recv()
             if client.detached:
-                return  # evicted or replaced while the message was in flight
-            kind = _classify(data)
-            assert isinstance(data, bytes)  # _classify refused text
+                # Evicted or replaced while the message was in flight; whoever detached us
+                # closes the connection (after its ERROR frame), so do not race it with a close of our own.
+                await client.ws.wait_closed()
+                return
+            kind, data = _classify(message)
             if kind in FORWARDED_TYPES:
                 await self._forward(client, kind, data)
             elif kind == MsgType.READY:
@@ -652,10 +690,10 @@ class RelayServer:
                 log.info(_kv("client_error", peer=client.name, addr=client.addr, code=error.code, reason=error.reason))
                 await client.ws.close()
                 return
-            elif kind in (MsgType.HELLO, MsgType.AUTH):
-                raise _protocol_error(f"{kind.name} after authentication: this connection is already logged in")
-            else:
+            elif kind in _RELAY_ONLY_TYPES:
                 raise _protocol_error(f"{kind.name} frames are sent by the relay, not by clients")
+            else:  # HELLO or AUTH
+                raise _protocol_error(f"{kind.name} after authentication: this connection is already logged in")
 
     async def _forward(self, sender: _Client, kind: MsgType, data: bytes) -> None:
         try:
@@ -743,6 +781,7 @@ class RelayServer:
 
     def _forget(self, session: _Session) -> None:
         self._sessions.pop(session.session_id, None)
+        self._labels.discard(session.session_id[:4])
         session.a.sessions.pop(session.session_id, None)
         session.b.sessions.pop(session.session_id, None)
 
@@ -789,20 +828,34 @@ class RelayServer:
         await self._notify(notes)
 
     async def _evict(self, client: _Client, notes: list[tuple[_Client, bytes]], code: ErrorCode, reason: str) -> None:
-        await self._notify(notes)
         await self._send(client, encode(Error(code, _clip(reason))))
+        await self._notify(notes)
         await client.ws.close(CloseCode.POLICY_VIOLATION, "no longer a member")
 
-    async def _refuse(self, ws: ServerConnection, addr: str, client: _Client | None, refusal: _ClientRefused) -> None:
+    def _record_refusal(self, addr: str, client: _Client | None, refusal: _ClientRefused) -> None:
         if refusal.event == "auth_failed":
             self._counters.auth_failures[refusal.metric_reason] += 1
-            log.info(_kv("auth_failed", reason=refusal.metric_reason, addr=addr, detail=refusal.reason))
+            log.info(
+                _kv(
+                    "auth_failed",
+                    reason=refusal.metric_reason,
+                    network=refusal.network,
+                    peer=refusal.peer,
+                    addr=addr,
+                    detail=refusal.reason,
+                )
+            )
         else:
             self._counters.protocol_errors += 1
-            log.info(_kv("protocol_error", addr=addr, peer=client.name if client else "-", reason=refusal.reason))
-        with contextlib.suppress(ConnectionClosed):
-            await ws.send(encode(Error(refusal.code, _clip(refusal.reason))))
-        await ws.close(refusal.close_code, refusal.code.name.lower().replace("_", " "))
+            log.info(
+                _kv(
+                    "protocol_error",
+                    network=client.network if client else refusal.network,
+                    peer=client.name if client else refusal.peer,
+                    addr=addr,
+                    reason=refusal.reason,
+                )
+            )
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -825,14 +878,11 @@ async def run_relay(config: RelayConfig) -> None:
     relay = RelayServer(config)
     await relay.start()
     scheme = "wss" if config.ssl is not None else "ws"
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    log.info(
-        "relay listening on %s://%s:%d (networks: %s)",
-        scheme,
-        host,
-        relay.port,
-        ", ".join(sorted(config.networks)) or "none",
-    )
+    url = f"{scheme}://{_format_addr(config.host, relay.port)}"
+    names = sorted(config.networks)
+    # A key=value line for tools that follow the log (the lab waits for it), and the line a person reads.
+    log.info(_kv("relay_listening", url=url, networks=",".join(names) or "-"))
+    log.info("relay listening on %s (networks: %s)", url, ", ".join(names) or "none")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []

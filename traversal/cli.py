@@ -181,7 +181,7 @@ def relay(
     verbose: bool,
 ) -> None:
     """Run the relay: login, pairing, end-to-end message forwarding, /metrics."""
-    from relay_server.server import RelayConfig, run_relay
+    from relay_server.server import RelayConfig, RelayError, run_relay
     from relay_server.tls import TlsError, ensure_self_signed, server_ssl_context
     from transport.constants import MAX_MTU, MIN_MTU
 
@@ -217,21 +217,22 @@ def relay(
         raise UserError(str(exc)) from None
     if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
         raise UserError(f"--mtu must be between {MIN_MTU} and {MAX_MTU}")
-    config = RelayConfig(host=host, port=port, networks=networks, ssl=ssl_context)
+    overrides: dict[str, int] = {}
     if mtu is not None:
-        config.mtu = mtu
+        overrides["mtu"] = mtu
     if heartbeat is not None:
         if not 1 <= heartbeat <= 3600:
             raise UserError("--heartbeat must be between 1 and 3600 seconds")
-        config.heartbeat_interval = heartbeat
+        overrides["heartbeat_interval"] = heartbeat
     if key_rotation is not None:
         if not 10 <= key_rotation <= 86400:
             raise UserError("--key-rotation must be between 10 and 86400 seconds")
-        config.key_rotation_interval = key_rotation
+        overrides["key_rotation_interval"] = key_rotation
     try:
+        config = RelayConfig(host=host, port=port, networks=networks, ssl=ssl_context, **overrides)
         _run(lambda: run_relay(config))
-    except OSError as exc:
-        raise UserError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    except RelayError as exc:
+        raise UserError(str(exc)) from None
 
 
 # --- connect -------------------------------------------------------------------

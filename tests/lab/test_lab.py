@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from types import ModuleType
 from typing import Any
 
@@ -58,12 +59,14 @@ def test_udp_mapping_per_profile(lab_factory: Any, nettool: NetTool, profile: st
     lab = lab_factory(nat_a=profile, nat_b=profile)
     nettool.start(lab, "wan", "echo", *DESTS)
     for peer, lport in (("a", 40001), ("b", 40002)):
-        timeout = 1.0 if profile == "udpblock" else 5.0
-        result = nettool.run(lab, f"host-{peer}", "probe", "udp", lport, timeout, *DESTS)
-        mapped = [result["mapped"][d] for d in DESTS]
         if profile == "udpblock":
-            assert mapped == [None, None, None]
+            # Absence of an answer is weak evidence alone; the drop counter shows why.
+            result = nettool.run(lab, f"host-{peer}", "probe", "udp", lport, 0.5, DESTS[0])
+            assert result["mapped"] == {DESTS[0]: None}
+            assert _nft_counter(lab, f"nat-{peer}", "udp blocked") >= 1
             continue
+        result = nettool.run(lab, f"host-{peer}", "probe", "udp", lport, 5.0, *DESTS)
+        mapped = [result["mapped"][d] for d in DESTS]
         assert None not in mapped, f"no UDP answer through {profile}: {result}"
         addrs = {_split(m)[0] for m in mapped}
         ports = [_split(m)[1] for m in mapped]
@@ -111,6 +114,14 @@ def test_fullcone_delivers_inbound_once_mapped(lab_factory: Any, nettool: NetToo
     result = nettool.run(lab, "host-a", "host-listen", 40004, "203.0.113.1:3478", 5.0, 2.0)
     assert result["unsolicited_from"] is not None, f"full cone did not let a stranger in: {result}"
     assert _split(result["unsolicited_from"])[0] == "203.0.113.2"
+    # A port the host never used stays closed: the packet ends in the router's drop rule.
+    before = _nft_counter(lab, "nat-a", "unsolicited inbound")
+    send = "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('203.0.113.11', 40999))"
+    lab.run("wan", sys.executable, "-c", send)
+    deadline = time.monotonic() + 2.0
+    while _nft_counter(lab, "nat-a", "unsolicited inbound") == before:
+        assert time.monotonic() < deadline, "packet to an unmapped full-cone port was not dropped"
+        time.sleep(0.02)
 
 
 def test_hole_punch_between_cones(lab_factory: Any, nettool: NetTool) -> None:
