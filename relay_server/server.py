@@ -42,7 +42,6 @@ from transport.constants import (
     HEARTBEAT_INTERVAL,
     KEY_ROTATION_INTERVAL,
     MAX_FRAME_SIZE,
-    MAX_HANDSHAKE_SIZE,
     MAX_MTU,
     MAX_NETWORK_NAME,
     MAX_REASON,
@@ -54,7 +53,6 @@ from transport.constants import (
 from transport.frames import (
     FORWARDED_TYPES,
     IDENTITY_SIZE,
-    MAX_SESSION_PAYLOAD,
     NONCE_SIZE,
     SESSION_ID_SIZE,
     Auth,
@@ -72,6 +70,7 @@ from transport.frames import (
     Release,
     decode,
     encode,
+    peek_session_id,
     peek_type,
     relay_auth_message,
 )
@@ -85,10 +84,6 @@ _F = TypeVar("_F", Hello, Auth, Ready, Release, Error)
 #: MAX_FRAME_SIZE and this, the relay answers FRAME_TOO_LARGE so the client
 #: learns why it was cut off.
 WEBSOCKET_MAX_SIZE = 2 * MAX_FRAME_SIZE
-
-#: version, type, session id, payload length: the fixed head of a session frame.
-_SESSION_HEADER_SIZE = 2 + SESSION_ID_SIZE + 2
-_SESSION_ID_SLICE = slice(2, 2 + SESSION_ID_SIZE)
 
 #: Frame types only the relay may send; a client sending one is confused or hostile.
 _RELAY_ONLY_TYPES = frozenset(
@@ -283,21 +278,6 @@ def _observed_address(ws: ServerConnection) -> tuple[str, int] | None:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return str(addr), port
-
-
-def _session_id_of(data: bytes, kind: MsgType) -> bytes:
-    """Validate a session frame's framing as strictly as ``decode`` does, without copying its payload."""
-    if len(data) < _SESSION_HEADER_SIZE:
-        raise FrameError(f"{kind.name} frame of {len(data)} bytes is shorter than its {_SESSION_HEADER_SIZE}-byte head")
-    length = int.from_bytes(data[_SESSION_HEADER_SIZE - 2 : _SESSION_HEADER_SIZE], "big")
-    limit = MAX_HANDSHAKE_SIZE if kind == MsgType.HANDSHAKE else MAX_SESSION_PAYLOAD
-    if length > limit:
-        raise FrameError(f"{kind.name} payload is {length} bytes, limit {limit}")
-    if _SESSION_HEADER_SIZE + length != len(data):
-        raise FrameError(
-            f"{kind.name} frame declares {length} payload bytes but carries {len(data) - _SESSION_HEADER_SIZE}"
-        )
-    return data[_SESSION_ID_SLICE]
 
 
 def _classify(data: str | bytes) -> tuple[MsgType, bytes]:
@@ -697,7 +677,7 @@ class RelayServer:
 
     async def _forward(self, sender: _Client, kind: MsgType, data: bytes) -> None:
         try:
-            session_id = _session_id_of(data, kind)
+            session_id = peek_session_id(data, kind)
         except FrameError as exc:
             raise _protocol_error(f"malformed {kind.name} frame: {exc}") from None
         session = sender.sessions.get(session_id)
