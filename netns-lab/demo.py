@@ -35,12 +35,15 @@ lab_module = _load("lab")
 overlay_module = _load("overlay")
 
 INTERESTING = re.compile(
-    r"event=(relay_listening|tap_up|joined|peer_joined|handshake_done|established|path|peer_bye|peer_left|auth_ok|paired)"
+    r"event=(relay_listening|tap_up|joined|peer_joined|handshake_done|established|path|bye_sent|peer_bye|peer_left|tap_down|auth_ok|paired)"
 )
 
 
+BOLD, PLAIN = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+
+
 def say(text: str) -> None:
-    print(f"\n\033[1m==> {text}\033[0m", flush=True)
+    print(f"\n{BOLD}==> {text}{PLAIN}", flush=True)
 
 
 def show_log(overlay: object, name: str, seen: dict[str, int]) -> None:
@@ -120,7 +123,8 @@ def main() -> int:
         for name in ("a", "b"):
             code = overlay.stop(name)
             print(f"    peer {name.upper()} exited with status {code}")
-        show_log(overlay, "a", seen)
+        for name in ("a", "b"):
+            show_log(overlay, name, seen)
         overlay.stop("relay")
         say(
             f"Demo {'succeeded' if ok else 'FAILED'} in {time.monotonic() - started:.1f}s: "

@@ -22,10 +22,11 @@ Sealed payload (the ``payload`` of a :class:`~transport.frames.SessionFrame`)::
   ``next = HKDF-SHA256(current, info=b"traversal rekey v1")``, after
   ``key_rotation_interval`` or ``rekey_after_messages`` records, and announces
   it with a REKEY record sealed under the new key (so an idle link rotates too).
-  The receiver follows when a record with epoch ``current + 1`` authenticates,
-  and keeps the previous key ``PREVIOUS_KEY_GRACE`` seconds for records still in
-  flight. Old keys are dropped (forward secrecy within the session); Python
-  cannot scrub memory, so "dropped" means no reference is kept.
+  The receiver follows when a record with an epoch up to ``MAX_EPOCHS_AHEAD``
+  ahead of its own authenticates (a whole epoch's records, REKEY included, can
+  be lost in a relay outage), and keeps the previous key
+  ``PREVIOUS_KEY_GRACE`` seconds for records still in flight. Old keys are
+  dropped (forward secrecy within the session); Python cannot scrub memory, so "dropped" means no reference is kept.
 
 Driver contract: after every call into the session (``receive``,
 ``handle_timer``, ``seal``/``send_frame``, ``close``), drain
@@ -58,6 +59,8 @@ from transport.replay import MAX_COUNTER, ReplayWindow
 
 KEY_SIZE = 32
 TAG_SIZE = 16
+#: How many epochs a receiver may skip to follow its peer (each skip costs one HKDF, once).
+MAX_EPOCHS_AHEAD = 8
 HEADER_SIZE = 9  # epoch + counter
 #: Smallest well-formed sealed payload: a header and the tag of an empty plaintext.
 MIN_SEALED_SIZE = HEADER_SIZE + TAG_SIZE
@@ -237,8 +240,9 @@ class Session:
         self._recv_key: bytes | None = recv_key
         self._recv_aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(recv_key)
         self._recv_epoch = 0
-        self._next_key: bytes | None = None
-        self._next_aead: ChaCha20Poly1305 | None = None
+        # Keys of epochs current+1, current+2, ... derived on demand and cached, so
+        # forged "future epoch" records cost an AEAD check, not fresh HKDFs each.
+        self._ahead: list[tuple[bytes, ChaCha20Poly1305]] = []
         self._prev_aead: ChaCha20Poly1305 | None = None
         self._prev_expires = 0.0
         self._replay = ReplayWindow(replay_window_size)
@@ -320,24 +324,14 @@ class Session:
         if not self._replay.check(counter):
             return self._drop(DROP_REPLAY)
 
-        current = self._recv_epoch
-        advance = False
-        if epoch_byte == current & 0xFF:
+        distance = (epoch_byte - self._recv_epoch) & 0xFF
+        if distance == 0:
             aead = self._recv_aead
-        elif epoch_byte == (current + 1) & 0xFF:
-            if self._next_aead is None:
-                # Derived once per epoch and cached, so forged "next epoch"
-                # records cost an AEAD check, not a fresh HKDF each.
-                assert self._recv_key is not None
-                self._next_key = _next_key(self._recv_key)
-                self._next_aead = ChaCha20Poly1305(self._next_key)
-            aead = self._next_aead
-            advance = True
-        elif self._prev_aead is not None and epoch_byte == (current - 1) & 0xFF and now < self._prev_expires:
+        elif distance <= MAX_EPOCHS_AHEAD:
+            aead = self._key_ahead(distance)
+        elif distance == 0xFF and self._prev_aead is not None and now < self._prev_expires:
             aead = self._prev_aead
         else:
-            # Includes a peer two or more epochs ahead: we cannot verify its
-            # records without the key in between, see the module docstring.
             return self._drop(DROP_EPOCH)
         assert aead is not None
         try:
@@ -352,8 +346,8 @@ class Session:
         stats.last_received = now
         self._dead_reported = False
         events, self._events = self._events, []
-        if advance:
-            self._advance_recv(now)
+        if distance and distance <= MAX_EPOCHS_AHEAD:
+            self._advance_recv(distance, now)
             events.append(KeyRotated("recv", self._recv_epoch))
 
         if kind == MsgType.DATA:
@@ -465,13 +459,21 @@ class Session:
         # budgets for; counting it would make rekey_after_messages=1 rotate forever.
         self._send_key_records = 0
 
-    def _advance_recv(self, now: float) -> None:
-        self._prev_aead = self._recv_aead
+    def _key_ahead(self, distance: int) -> ChaCha20Poly1305:
+        while len(self._ahead) < distance:
+            base = self._ahead[-1][0] if self._ahead else self._recv_key
+            assert base is not None
+            key = _next_key(base)
+            self._ahead.append((key, ChaCha20Poly1305(key)))
+        return self._ahead[distance - 1][1]
+
+    def _advance_recv(self, distance: int, now: float) -> None:
+        self._prev_aead = self._recv_aead if distance == 1 else self._ahead[distance - 2][1]
         self._prev_expires = now + self._previous_key_grace
-        self._recv_key, self._recv_aead = self._next_key, self._next_aead
-        self._next_key = self._next_aead = None
-        self._recv_epoch += 1
-        self.stats.rekeys_received += 1
+        self._recv_key, self._recv_aead = self._ahead[distance - 1]
+        del self._ahead[:distance]
+        self._recv_epoch += distance
+        self.stats.rekeys_received += distance
 
     def _send_heartbeat_request(self, now: float) -> None:
         self._heartbeat_seq += 1
@@ -534,6 +536,7 @@ class Session:
         # Forward secrecy: a closed session needs no key.
         self._send_key = self._send_aead = None
         self._recv_key = self._recv_aead = None
-        self._next_key = self._next_aead = self._prev_aead = None
+        self._ahead.clear()
+        self._prev_aead = None
         self._outgoing.clear()
         self._outstanding.clear()

@@ -127,30 +127,36 @@ class Node:
             ]
             stop_wait = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            if stop_wait in done:
+                await self._say_bye()  # while the relay connection is still served
+            else:
+                stop_wait.cancel()
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            stop_wait.cancel()
             for task in done:
                 if task is not stop_wait and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
             await self._shutdown()
 
-    async def _shutdown(self) -> None:
-        now = self._loop.time()
+    async def _say_bye(self) -> None:
+        """Send every peer a sealed BYE, so it knows at once that we left (not after a timeout)."""
         relay = self.relay
-        if relay is not None:
-            for link in list(self.links.values()):
-                for data in link.close("peer shutting down", now):
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(relay.send(data), 1.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(relay.close(), 2.0)
-        if self.links:
-            log_event(log, "bye_sent", peers=",".join(link.peer_name for link in self.links.values()))
+        if relay is None or not self.links:
+            return
+        now = self._loop.time()
+        for link in list(self.links.values()):
+            for data in link.close("peer shutting down", now):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(relay.send(data), 1.0)
+        log_event(log, "bye_sent", peers=",".join(link.peer_name for link in self.links.values()))
+        self.links.clear()
+
+    async def _shutdown(self) -> None:
+        # The relay task closed its connection when it was cancelled.
         self.links.clear()
         await self._control.close()
         if self.tap is not None:
@@ -198,6 +204,8 @@ class Node:
             finally:
                 self.relay = None
                 self._drop_links()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(relay.close(), 2.0)
             if reason is not None:
                 self.relay_state = "refused"
                 raise NodeError(reason)

@@ -134,3 +134,18 @@ def test_relay_restart_mid_session_is_survived(overlay: Any) -> None:
     assert received == sent, output
     assert overlay.status("a", "a")["relay"]["connects"] >= 2
     assert status_a["state"] == "established"
+
+
+def test_ctrl_c_says_bye_and_removes_the_tap(overlay: Any) -> None:
+    overlay.wait_path("b", "b", "relay", timeout=45)
+    assert overlay.lab.run("host-a", "ip", "link", "show", "tap0", check=False).returncode == 0
+    assert overlay.stop("a") == 0
+    # b hears the end-to-end BYE (sealed, so only a could have sent it) ...
+    overlay_module.wait_until(lambda: "event=peer_bye" in overlay.log_text("b"), 15, "b to log a's BYE")
+    assert 'reason="peer shutting down"' in overlay.log_text("b")
+    # ... and a's TAP device is gone with the process.
+    assert overlay.lab.run("host-a", "ip", "link", "show", "tap0", check=False).returncode != 0
+    assert "event=tap_down" in overlay.log_text("a")
+    overlay_module.wait_until(
+        lambda: overlay.metrics()["traversal_relay_clients_connected"] == 1, 15, "the relay to drop a"
+    )

@@ -24,6 +24,7 @@ from transport.session import (
     DROP_EPOCH,
     DROP_MALFORMED,
     DROP_REPLAY,
+    MAX_EPOCHS_AHEAD,
     MAX_PLAINTEXT,
     MIN_SEALED_SIZE,
     CounterExhaustedError,
@@ -318,16 +319,30 @@ def test_rekey_while_records_in_flight_out_of_order() -> None:
     assert b.recv_epoch == 1
 
 
-def test_peer_two_epochs_ahead_cannot_be_followed() -> None:
-    # Documented limitation: the receiver only tries the next key. A sender
-    # whose whole epoch was lost is dropped until a new handshake.
+def test_peer_several_epochs_ahead_is_followed() -> None:
+    # A whole epoch's records (REKEY included) lost, e.g. during a relay outage:
+    # the receiver derives the keys in between and catches up.
     a, b = pair(rekey_after_messages=1)
     a.send_frame(b"lost", 0.0)
     a.send_frame(b"lost too", 0.0)
     a.records_to_send()
     far = a.send_frame(b"epoch 2", 0.0)
     assert far[0] == 2
+    events = b.receive(MsgType.DATA, far, 0.0)
+    assert frames(events) == [b"epoch 2"]
+    assert KeyRotated("recv", 2) in events
+    assert b.recv_epoch == 2 and b.stats.rekeys_received == 2
+
+
+def test_peer_too_many_epochs_ahead_is_dropped() -> None:
+    a, b = pair(rekey_after_messages=1)
+    for _ in range(MAX_EPOCHS_AHEAD + 1):
+        a.send_frame(b"lost", 0.0)
+    a.records_to_send()
+    far = a.send_frame(b"too far", 0.0)
+    assert far[0] == MAX_EPOCHS_AHEAD + 1
     assert b.receive(MsgType.DATA, far, 0.0) == [RecordDropped(DROP_EPOCH)]
+    assert b.recv_epoch == 0
 
 
 def test_epoch_byte_wraps_mod_256() -> None:
