@@ -266,7 +266,14 @@ class Node:
             link = self.links.get(frame.session_id)
             if link is None:
                 return None
-            out, delivered = link.on_frame(frame, now)
+            try:
+                out, delivered = link.on_frame(frame, now)
+            except Exception:
+                # Last line of defence (nothing here is expected to raise): a frame
+                # we failed to handle costs that peer's session, never the node.
+                log.exception("event=session_closed peer=%s session=%s reason=internal-error", link.peer_name, link.sid)
+                self.links.pop(frame.session_id, None)
+                return None
             self._send(out)
             if delivered and self.tap is not None:
                 for eth in delivered:
@@ -280,7 +287,7 @@ class Node:
             link = self.links.get(frame.session_id)
             if link is not None:
                 link.on_established(frame, now)
-                if self.tap is not None and frame.mtu != self.tap.mtu:
+                if link.established is frame and self.tap is not None and frame.mtu != self.tap.mtu:
                     self.tap.set_mtu(frame.mtu)
                 self._wake.set()
         elif isinstance(frame, frames.PeerLeft):

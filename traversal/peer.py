@@ -22,11 +22,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from transport import frames
-from transport.constants import DEFAULT_MTU, HANDSHAKE_TIMEOUT
+from transport.constants import DEFAULT_MTU, HANDSHAKE_TIMEOUT, MAX_MTU, MIN_MTU
 from transport.frames import MsgType
 from transport.handshake import MSG1_SIZE, Handshake, HandshakeError, HandshakeState, is_initiator
 from transport.identity import encode_public, public_bytes, short_id
 from transport.session import (
+    CounterExhaustedError,
     FrameReceived,
     HeartbeatRtt,
     KeyRotated,
@@ -34,6 +35,8 @@ from transport.session import (
     PeerDead,
     RecordDropped,
     Session,
+    SessionClosedError,
+    SessionError,
     SessionEvent,
 )
 from traversal.logfmt import log_event
@@ -61,6 +64,17 @@ class LinkCounters:
     dropped_oversize: int = 0
     handshakes: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+
+def established_problem(est: frames.Established) -> str | None:
+    """Why the relay's session parameters cannot be used, or None if they can."""
+    if not MIN_MTU <= est.mtu <= MAX_MTU:
+        return f"MTU {est.mtu} outside {MIN_MTU}-{MAX_MTU}"
+    if not 1 <= est.heartbeat_interval <= 3600:
+        return f"heartbeat interval {est.heartbeat_interval}s outside 1-3600"
+    if not 10 <= est.key_rotation_interval <= 86400:
+        return f"key rotation interval {est.key_rotation_interval}s outside 10-86400"
+    return None
 
 
 def handshake_prologue(network: str, session_id: bytes) -> bytes:
@@ -178,6 +192,13 @@ class PeerLink:
 
     def on_established(self, est: frames.Established, now: float) -> None:
         """The relay's ESTABLISHED: remembered even if it overtakes our handshake's end."""
+        problem = established_problem(est)
+        if problem is not None:
+            self.last_error = f"relay sent an unusable ESTABLISHED: {problem}"
+            log_event(
+                log, "established_rejected", logging.WARNING, peer=self.peer_name, session=self.sid, reason=problem
+            )
+            return
         self.established = est
         self.mtu = est.mtu
         self._maybe_established(now)
@@ -223,7 +244,17 @@ class PeerLink:
         """Seal one Ethernet frame for the wire (plus a REKEY if sealing rotated the key)."""
         if self.state is not LinkState.ESTABLISHED or self.session is None:
             return []
-        payload = self.session.send_frame(frame, now)
+        try:
+            payload = self.session.send_frame(frame, now)
+        except (SessionClosedError, CounterExhaustedError) as exc:
+            # The keys are spent: this frame is lost and the link re-handshakes.
+            log_event(log, "send_failed", logging.WARNING, peer=self.peer_name, session=self.sid, reason=str(exc))
+            self.session = None
+            self._restart_pending = True
+            return []
+        except SessionError:
+            self.counters.dropped_oversize += 1
+            return []
         self.counters.tx_frames += 1
         self.counters.tx_bytes += len(payload)
         data = frames.encode_session_frame(MsgType.DATA, self.session_id, payload)
