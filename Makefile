@@ -13,6 +13,9 @@ APT_PACKAGES := nftables iproute2 iputils-ping tcpdump procps psmisc python3-ven
 NAT_A ?= cone
 NAT_B ?= cone
 PREFIX ?=
+# One-way delay of each peer's WAN link, each direction: "25ms" or "25" (empty: none).
+DELAY_A ?=
+DELAY_B ?=
 
 .PHONY: all install system-packages test unit lint demo lab-up lab-down lab-status clean
 
@@ -55,7 +58,8 @@ demo: install
 	$(PY) netns-lab/demo.py --nat-a $(NAT_A) --nat-b $(NAT_B)
 
 lab-up: install
-	$(PY) netns-lab/lab.py up --nat-a $(NAT_A) --nat-b $(NAT_B) $(if $(PREFIX),--prefix $(PREFIX))
+	$(PY) netns-lab/lab.py up --nat-a $(NAT_A) --nat-b $(NAT_B) $(if $(PREFIX),--prefix $(PREFIX)) \
+	  $(if $(DELAY_A),--delay-a $(patsubst %ms,%,$(DELAY_A))) $(if $(DELAY_B),--delay-b $(patsubst %ms,%,$(DELAY_B)))
 
 lab-down:
 	@if [ -x $(PY) ]; then $(PY) netns-lab/lab.py down $(if $(PREFIX),--prefix $(PREFIX),--all); \

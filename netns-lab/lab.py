@@ -13,8 +13,10 @@ Topology (``P`` is the per-run prefix, ``X`` is a peer, ``a`` or ``b``, ``i`` is
 
 ``double`` puts ``P-cgn-X`` between the NAT and the WAN (cgn wan0 203.0.113.1i, cgn lan0
 100.64.i.1/24, nat wan0 100.64.i.2/24). ``public`` turns ``P-nat-X`` into a plain bridge
-and gives the host 203.0.113.2i/24 directly. The WAN has no default route and nothing is
-connected to the root namespace: the lab is a closed world.
+and gives the host 203.0.113.2i/24 directly. A link delay for peer X (no netem on this
+kernel) splices ``P-dly-X`` between the outer NAT's wan0 and br0: two address-less veth
+ends joined by delay.py. The WAN has no default route and nothing is connected to the
+root namespace: the lab is a closed world.
 
 NAT profiles, in RFC 4787 terms (mapping = how the public port is chosen; filtering =
 which inbound packets reach the host):
@@ -51,10 +53,12 @@ import json
 import os
 import re
 import secrets
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,7 +68,7 @@ PROFILES = ("public", "cone", "fullcone", "symrand", "symseq", "udpblock", "doub
 PEERS = ("a", "b")
 BASE_ROLES = ("wan", "nat-a", "host-a", "nat-b", "host-b")
 #: Every role suffix a lab namespace can carry; down_all() deletes nothing else.
-ALL_ROLES = (*BASE_ROLES, "cgn-a", "cgn-b")
+ALL_ROLES = (*BASE_ROLES, "cgn-a", "cgn-b", "dly-a", "dly-b")
 
 RELAY_ADDRESSES = ("203.0.113.1", "203.0.113.2")
 WAN_PREFIXLEN = 24
@@ -85,6 +89,13 @@ SYMSEQ_SLOTS = 256
 FULLCONE_MAPPING_TIMEOUT_S = 120
 
 COMMAND_TIMEOUT_S = 15.0
+
+#: The link-delay forwarder (a userspace stand-in for netem, which this kernel lacks),
+#: how long Lab.up() waits for it to say "ready", and the largest delay accepted (its
+#: queue holds at most 10,000 frames per direction, so huge delays would only drop).
+DELAY_FORWARDER = Path(__file__).resolve().with_name("delay.py")
+DELAY_READY_TIMEOUT_S = 10.0
+MAX_DELAY_MS = 5000
 
 
 class LabError(Exception):
@@ -354,11 +365,12 @@ class Lab:
         self.prefix = prefix if prefix is not None else "tv" + secrets.token_hex(2)
         if not PREFIX_RE.match(self.prefix):
             raise LabError(f"bad prefix {self.prefix!r}: use 'tv' followed by 1-12 lowercase letters or digits")
-        # TODO(link delay): one-way delay per peer is a later issue. There is no netem on
-        # this kernel, so it needs a userspace forwarder spliced between nat-X and the WAN
-        # bridge (see _build_peer). Until then refuse rather than silently ignore it.
-        if delay_a_ms or delay_b_ms:
-            raise LabError("link delay is not implemented yet (no netem here; needs a userspace forwarder)")
+        for peer, delay in (("a", delay_a_ms), ("b", delay_b_ms)):
+            if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY_MS:
+                raise LabError(f"bad delay {delay!r} for peer {peer}: use whole milliseconds, 0..{MAX_DELAY_MS}")
+        #: One-way delay per peer's WAN link, in ms, each direction (0: no forwarder).
+        self.delays_ms = {"a": delay_a_ms, "b": delay_b_ms}
+        self._forwarders: dict[str, subprocess.Popen[Any]] = {}
         self.profiles = {"a": nat_a, "b": nat_b}
         self.symseq_delta = symseq_delta
         self.state_dir = state_dir
@@ -370,9 +382,11 @@ class Lab:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        """Roles present in this lab: the five base roles plus cgn-X for ``double`` peers."""
+        """Roles present in this lab: the five base roles plus cgn-X for ``double`` peers
+        and dly-X for peers with a link delay."""
         extra = tuple(f"cgn-{p}" for p in PEERS if self.profiles[p] == "double")
-        return BASE_ROLES + extra
+        delayed = tuple(f"dly-{p}" for p in PEERS if self.delays_ms[p])
+        return BASE_ROLES + extra + delayed
 
     def ns(self, role: str) -> str:
         """Namespace name of ``role`` (e.g. "host-a" -> "tv1a2b-host-a")."""
@@ -493,6 +507,9 @@ class Lab:
         _run(["ip", "-n", wan, "link", "set", "br0", "up"])
         for peer in PEERS:
             self._build_peer(peer)
+        for peer in PEERS:
+            if self.delays_ms[peer]:
+                self._start_delay_forwarder(peer)
 
     def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
         # Both ends are created directly inside lab namespaces: nothing ever appears in
@@ -509,9 +526,13 @@ class Lab:
         wan, nat, host = self.ns("wan"), self.ns(f"nat-{peer}"), self.ns(f"host-{peer}")
         nat_addrs, host_addr = self.addresses[f"nat-{peer}"], self.addresses[f"host-{peer}"][0]
         outer = self.ns(f"cgn-{peer}") if profile == "double" else nat
-        # The namespace facing the WAN gets a port on the WAN bridge.
-        # TODO(link delay): a delay forwarder for this peer goes between `outer` and br0.
-        self._veth(outer, "wan0", wan, f"port-{peer}")
+        # The namespace facing the WAN gets a port on the WAN bridge; with a delay, through
+        # P-dly-X, so every packet of this peer to the WAN (relay, STUN, the other peer)
+        # crosses the forwarder.
+        if self.delays_ms[peer]:
+            self._build_delay_link(peer, outer)
+        else:
+            self._veth(outer, "wan0", wan, f"port-{peer}")
         _run(["ip", "-n", wan, "link", "set", f"port-{peer}", "master", "br0"])
         self._veth(nat, "lan0", host, "eth0")
         for ns in {outer, nat}:
@@ -544,6 +565,56 @@ class Lab:
         _run(["ip", "-n", host, "route", "add", "default", "via", nat_lan.split("/")[0]])
         self._load_ruleset(nat, self._ruleset(peer))
 
+    def _build_delay_link(self, peer: str, outer: str) -> None:
+        """``outer`` wan0 <-> P-dly-X lan0 [forwarder] P-dly-X wan0 <-> P-wan port-X (on br0).
+
+        P-dly-X is a wire, not a host: no addresses, no IPv6 (which would otherwise send
+        router solicitations and MLD reports of its own), no forwarding. Everything that
+        crosses it is forwarded by delay.py, started once the lab is wired."""
+        dly, wan = self.ns(f"dly-{peer}"), self.ns("wan")
+        if Path("/proc/sys/net/ipv6").is_dir():
+            # Before the veths exist, so they are born without IPv6 and never send a packet.
+            for scope in ("all", "default"):
+                self._sysctl(dly, f"net.ipv6.conf.{scope}.disable_ipv6=1")
+        self._veth(outer, "wan0", dly, "lan0")
+        self._veth(dly, "wan0", wan, f"port-{peer}")
+
+    def _start_delay_forwarder(self, peer: str) -> None:
+        """Run delay.py in P-dly-X and wait (bounded) for its "ready"."""
+        dly = self.ns(f"dly-{peer}")
+        argv = [sys.executable, str(DELAY_FORWARDER), "--delay-ms", str(self.delays_ms[peer]), "--netns", dly]
+        # stderr goes to an unlinked file: readable here if startup fails, and the
+        # forwarder can still write its exit summary after `lab.py up` has exited.
+        # A new session keeps terminal signals (Ctrl-C, hangup) of `lab.py up` away from it.
+        with tempfile.TemporaryFile() as errors:
+            proc = self.popen(
+                "dly-" + peer,
+                [*argv, "lan0", "wan0"],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            self._forwarders[peer] = proc
+            assert proc.stdout is not None
+            with proc.stdout, selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                line = proc.stdout.readline().strip() if sel.select(DELAY_READY_TIMEOUT_S) else b""
+                if line == b"ready":
+                    return
+                proc.kill()
+                proc.wait(timeout=5)
+                errors.seek(0)
+                detail = errors.read().decode(errors="replace").strip().splitlines()
+        why = detail[-1] if detail else f"no 'ready' within {DELAY_READY_TIMEOUT_S:.0f} s"
+        raise LabError(f"delay forwarder for peer {peer} did not start: {why}")
+
+    @property
+    def forwarders(self) -> Mapping[str, subprocess.Popen[Any]]:
+        """The delay forwarder processes this object started, per peer (none for a lab
+        attached from another process; ``down()`` kills them with everything else)."""
+        return dict(self._forwarders)
+
     def _ruleset(self, peer: str) -> str:
         profile = self.profiles[peer]
         wan_address = self.addresses[f"nat-{peer}"][0].split("/")[0]
@@ -573,6 +644,7 @@ class Lab:
             "prefix": self.prefix,
             "profiles": self.profiles,
             "symseq_delta": self.symseq_delta,
+            "delays_ms": self.delays_ms,
             "namespaces": {role: self.ns(role) for role in self.roles},
             "addresses": self.addresses,
             "public": {p: self.public_address(p) for p in PEERS},
@@ -599,6 +671,8 @@ class Lab:
             nat_b=state["profiles"]["b"],
             prefix=prefix,
             symseq_delta=state.get("symseq_delta", 1),
+            delay_a_ms=state.get("delays_ms", {}).get("a", 0),
+            delay_b_ms=state.get("delays_ms", {}).get("b", 0),
             state_dir=state_dir,
         )
         lab._up = True
@@ -618,7 +692,15 @@ class Lab:
                     if cidrs and iface["ifname"] != "lo":
                         found[iface["ifname"]] = cidrs
             roles[role] = {"namespace": ns, "exists": ns in existing, "addresses": found}
-        return {**self._state(), "roles": roles}
+        # A delayed peer whose forwarder died has no WAN link at all: make that visible.
+        forwarding = {}
+        for peer in PEERS:
+            ns = f"{self.prefix}-dly-{peer}"
+            if self.delays_ms[peer] and ns in existing:
+                forwarding[peer] = bool(_run(["ip", "netns", "pids", ns]).split())
+            elif self.delays_ms[peer]:
+                forwarding[peer] = False
+        return {**self._state(), "roles": roles, "delay_forwarder_running": forwarding}
 
 
 # --- CLI -----------------------------------------------------------------------------------
@@ -639,6 +721,11 @@ def _print_lab(state: Mapping[str, Any]) -> None:
             print(f"  {role:7} {ns:22} {' '.join(state['addresses'][role])}")
     for peer in PEERS:
         print(f"  peer {peer} is seen on the WAN as {state['public'][peer]}")
+    for peer, delay in state.get("delays_ms", {}).items():
+        if delay:
+            running = state.get("delay_forwarder_running", {}).get(peer)
+            mark = "" if running is None else (", forwarder running" if running else ", FORWARDER NOT RUNNING")
+            print(f"  peer {peer} link delay: {delay} ms each way (+{2 * delay} ms RTT to the WAN{mark})")
 
 
 def _known_prefixes(state_dir: Path) -> list[str]:
@@ -646,6 +733,14 @@ def _known_prefixes(state_dir: Path) -> list[str]:
     if state_dir.is_dir():
         prefixes |= {p.stem for p in state_dir.glob("*.json") if PREFIX_RE.match(p.stem)}
     return sorted(prefixes)
+
+
+def _delay_ms(text: str) -> int:
+    """A CLI delay: whole milliseconds, "25" or "25ms"."""
+    match = re.fullmatch(r"(\d+)(ms)?", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"bad delay {text!r}: use whole milliseconds, e.g. 25 or 25ms")
+    return int(match.group(1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -656,6 +751,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--nat-b", choices=PROFILES, default="cone")
     up.add_argument("--prefix", help="namespace prefix (default: tv + 4 random hex digits)")
     up.add_argument("--symseq-delta", type=int, default=1, help="port step of the symseq profile")
+    for peer in PEERS:
+        up.add_argument(
+            f"--delay-{peer}",
+            type=_delay_ms,
+            default=0,
+            metavar="MS",
+            help=f"one-way delay of peer {peer}'s WAN link, each direction (e.g. 25 or 25ms)",
+        )
     up.add_argument("--json", action="store_true", help="print the lab as JSON")
     down = sub.add_parser("down", help="tear a lab down")
     which = down.add_mutually_exclusive_group()
@@ -670,7 +773,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_prerequisites()
         if args.command == "up":
-            lab = Lab(nat_a=args.nat_a, nat_b=args.nat_b, prefix=args.prefix, symseq_delta=args.symseq_delta)
+            lab = Lab(
+                nat_a=args.nat_a,
+                nat_b=args.nat_b,
+                prefix=args.prefix,
+                symseq_delta=args.symseq_delta,
+                delay_a_ms=args.delay_a,
+                delay_b_ms=args.delay_b,
+            )
             lab.up()
             state = lab.status()
             if args.json:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import secrets
 import signal
@@ -75,6 +74,7 @@ from transport.frames import (
     relay_auth_message,
 )
 from transport.identity import encode_public, short_id
+from traversal.logfmt import format_event
 
 log = logging.getLogger("traversal.relay")
 
@@ -250,14 +250,8 @@ def _format_addr(ip: str, port: int) -> str:
 
 
 def _kv(event: str, **fields: object) -> str:
-    """One ``key=value`` log line; values with spaces or quotes are JSON-quoted so the line stays parseable."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        text = str(value)
-        if not text or any(ch in text for ch in ' "=\\') or not text.isprintable():
-            text = json.dumps(text)
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    """One ``event=... key=value`` log line (the project's logfmt, see traversal/logfmt.py)."""
+    return format_event(event, fields)
 
 
 def _clip(reason: str) -> str:

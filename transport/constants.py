@@ -55,6 +55,10 @@ REKEY_AFTER_MESSAGES = 1 << 24
 #: records still in flight when the sender rotated are accepted.
 PREVIOUS_KEY_GRACE = 10.0
 
+#: How many epochs a receiver may skip to follow its peer, e.g. after a relay
+#: outage swallowed a whole epoch's records (each skipped epoch costs one HKDF).
+MAX_EPOCHS_AHEAD = 8
+
 #: Replay window width (counters), as WireGuard's: duplicates and counters
 #: older than this are dropped.
 REPLAY_WINDOW_SIZE = 2048
@@ -97,3 +101,37 @@ RELAY_KEEPALIVE_INTERVAL = 20.0
 #: On shutdown the relay gives each client this long to take its
 #: SERVER_SHUTDOWN error frame before the close handshake starts.
 RELAY_SHUTDOWN_GRACE = 2.0
+
+# --- Direct path carriage: WebSocket frames over QUIC (transport/wsquic.py) ---------
+
+#: ALPN both ends of the direct path's QUIC connection insist on.
+QUIC_ALPN = "traversal/1"
+
+#: Largest UDP payload QUIC sends. 1452 = 1500 (Ethernet path MTU) - 40 (IPv6
+#: header) - 8 (UDP header), so it fits a 1500-byte path over IPv4 or IPv6
+#: unfragmented. It does not fit paths with a smaller MTU (PPPoE's 1492, tunnels):
+#: aioquic has no path MTU discovery, so such paths need a smaller value (1200 is
+#: QUIC's floor). With it, a DATAGRAM frame carries at most 1422 bytes of traversal
+#: frame, i.e. a sealed DATA frame for an overlay MTU of at most 1363
+#: (Ethernet 14 + session frame header 20 + sealing 25 = MTU + 59 bytes).
+WSQUIC_MAX_DATAGRAM_SIZE = 1452
+
+#: QUIC idle timeout (seconds). Longer than DEAD_PEER_TIMEOUT so the session's
+#: heartbeats, not QUIC, decide (and log why) that the direct path is dead; QUIC's
+#: own timeout only reaps a connection nobody closed. The session heartbeats every
+#: HEARTBEAT_INTERVAL, which also keeps NAT mappings warm.
+WSQUIC_IDLE_TIMEOUT = 30.0
+
+#: A direct-path QUIC connection not connected within this time is closed.
+WSQUIC_HANDSHAKE_TIMEOUT = 10.0
+
+#: DATAGRAM frames waiting for congestion window or pacing room. Beyond this,
+#: send_datagram refuses (the tunnelled traffic's own congestion control sees
+#: a loss) rather than build a standing queue: 64 x 1.4 kB is ~10 ms at 70 Mbit/s.
+WSQUIC_MAX_PENDING_DATAGRAMS = 64
+
+#: Control-stream bytes queued or sent but not yet acknowledged. Control traffic
+#: is small (heartbeats, rekey, path control); hitting this means the path does
+#: not drain, which the caller should treat as a dead path. Also the QUIC
+#: receive flow-control window of the stream.
+WSQUIC_MAX_PENDING_CONTROL_BYTES = 256 * 1024

@@ -48,6 +48,7 @@ from transport.constants import (
     DEAD_PEER_TIMEOUT,
     HEARTBEAT_INTERVAL,
     KEY_ROTATION_INTERVAL,
+    MAX_EPOCHS_AHEAD,
     MAX_REASON,
     PREVIOUS_KEY_GRACE,
     REKEY_AFTER_MESSAGES,
@@ -59,8 +60,6 @@ from transport.replay import MAX_COUNTER, ReplayWindow
 
 KEY_SIZE = 32
 TAG_SIZE = 16
-#: How many epochs a receiver may skip to follow its peer (each skip costs one HKDF, once).
-MAX_EPOCHS_AHEAD = 8
 HEADER_SIZE = 9  # epoch + counter
 #: Smallest well-formed sealed payload: a header and the tag of an empty plaintext.
 MIN_SEALED_SIZE = HEADER_SIZE + TAG_SIZE

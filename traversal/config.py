@@ -35,6 +35,8 @@ def load_section(path: Path, section: str, allowed: dict[str, type | tuple[type,
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests too deeply to be a configuration") from None
     unknown_tables = sorted(set(document) - {"connect", "relay"})
     if unknown_tables:
         raise ConfigError(f"{path}: unknown table [{unknown_tables[0]}]; expected [connect] and/or [relay]")
@@ -47,7 +49,9 @@ def load_section(path: Path, section: str, allowed: dict[str, type | tuple[type,
             known = ", ".join(sorted(allowed))
             raise ConfigError(f"{path}: unknown key '{key}' in [{section}]; known keys: {known}")
         expected = allowed[key]
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected in (int, float)):
+        allowed_types = expected if isinstance(expected, tuple) else (expected,)
+        # bool is an int subclass in Python, but `mtu = true` is a mistake, not 1.
+        if not isinstance(value, allowed_types) or (isinstance(value, bool) and bool not in allowed_types):
             names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
             raise ConfigError(f"{path}: [{section}] {key} must be a {names}, got {type(value).__name__}")
         if isinstance(value, list) and not all(isinstance(item, str) for item in value):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,12 @@ class ControlServer:
         self.path = path
         self._status = status
         self._server: asyncio.base_events.Server | None = None
+        self._created = False  # only a socket we made is ours to remove
 
     async def start(self) -> None:
-        if self.path.exists():
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):
+                raise ControlError(f"{self.path} exists and is not a socket; remove it or pass a different --control")
             if _socket_is_live(self.path):
                 raise ControlError(
                     f"another traversal node already answers on {self.path}; pass a different --control path"
@@ -58,6 +62,7 @@ class ControlServer:
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+            self._created = True
         except OSError as exc:
             raise ControlError(f"cannot create control socket {self.path}: {exc.strerror}") from None
         finally:
@@ -85,8 +90,10 @@ class ControlServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._created:
+            self._created = False
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 def query(path: Path, command: str = "status", timeout: float = 5.0) -> dict[str, Any]:

@@ -10,12 +10,28 @@ import logging
 import sys
 from typing import Any
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
 
 def _value(value: Any) -> str:
+    """A field value as logfmt: bare when safe, else double-quoted with escapes.
+
+    Values can come from the network (a peer's BYE reason), so control and other
+    non-printable characters never reach the line: they are written as escapes.
+    """
     text = f"{value:.1f}" if isinstance(value, float) else str(value)
-    if text == "" or any(c in text for c in ' "=\n'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
+    if text and text.isprintable() and not any(c in text for c in " \"='\\"):
+        return text
+    return '"' + "".join(_escape(c) for c in text) + '"'
 
 
 def format_event(name: str, fields: dict[str, Any]) -> str:

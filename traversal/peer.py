@@ -57,8 +57,6 @@ class LinkState(Enum):
 
 @dataclass
 class LinkCounters:
-    tx_bytes: int = 0  # wire bytes of sealed records sent
-    rx_bytes: int = 0
     tx_frames: int = 0  # Ethernet frames
     rx_frames: int = 0
     dropped_oversize: int = 0
@@ -107,7 +105,7 @@ class PeerLink:
         self.initiator = is_initiator(public_bytes(identity), peer)
         self.state = LinkState.HANDSHAKING
         self.counters = LinkCounters()
-        self.session: Session | None = None
+        self.session: Session | None = None  # set through _set_session
         self.session_tag = ""
         self.established: frames.Established | None = None
         self.established_at: float | None = None
@@ -119,6 +117,27 @@ class PeerLink:
         self._handshake: Handshake | None = None
         self._handshake_deadline: float | None = None
         self._restart_pending = False
+        self._retired_tx = 0
+        self._retired_rx = 0
+
+    # --- byte accounting ------------------------------------------------------------
+
+    def _set_session(self, session: Session | None) -> None:
+        """Replace the session, keeping its byte counts (they describe the link, not one key set)."""
+        if self.session is not None:
+            self._retired_tx += self.session.stats.tx_bytes
+            self._retired_rx += self.session.stats.rx_bytes
+        self.session = session
+
+    @property
+    def tx_bytes(self) -> int:
+        """Wire bytes of every sealed record sent (data, heartbeats, rekeys, BYE)."""
+        return self._retired_tx + (self.session.stats.tx_bytes if self.session else 0)
+
+    @property
+    def rx_bytes(self) -> int:
+        """Wire bytes of every sealed record received that authenticated."""
+        return self._retired_rx + (self.session.stats.rx_bytes if self.session else 0)
 
     # --- handshake -------------------------------------------------------------
 
@@ -137,7 +156,7 @@ class PeerLink:
     def start(self, now: float) -> list[bytes]:
         """Begin (or restart) the handshake; returns frames to send."""
         self.state = LinkState.HANDSHAKING
-        self.session = None
+        self._set_session(None)
         self._handshake = self._new_handshake(now)
         if not self.initiator:
             return []
@@ -162,6 +181,8 @@ class PeerLink:
             return []
         out: list[bytes] = []
         if reply is not None:
+            # Progress: the other side gets a full timeout for its next message.
+            self._handshake_deadline = now + HANDSHAKE_TIMEOUT
             out.append(frames.encode_session_frame(MsgType.HANDSHAKE, self.session_id, reply))
         if self._handshake.complete:
             out += self._handshake_done(now)
@@ -172,7 +193,7 @@ class PeerLink:
         result = self._handshake.result
         self._handshake = None
         self._handshake_deadline = now + HANDSHAKE_TIMEOUT  # ESTABLISHED must follow in time
-        self.session = Session(send_key=result.send_key, recv_key=result.recv_key, now=now)
+        self._set_session(Session(send_key=result.send_key, recv_key=result.recv_key, now=now))
         self.session_tag = result.session_tag.hex()
         self.state = LinkState.AWAITING_ESTABLISHED
         self.last_error = None
@@ -249,14 +270,13 @@ class PeerLink:
         except (SessionClosedError, CounterExhaustedError) as exc:
             # The keys are spent: this frame is lost and the link re-handshakes.
             log_event(log, "send_failed", logging.WARNING, peer=self.peer_name, session=self.sid, reason=str(exc))
-            self.session = None
+            self._set_session(None)
             self._restart_pending = True
             return []
         except SessionError:
             self.counters.dropped_oversize += 1
             return []
         self.counters.tx_frames += 1
-        self.counters.tx_bytes += len(payload)
         data = frames.encode_session_frame(MsgType.DATA, self.session_id, payload)
         return [*self._drain(), data] if self.session.has_output else [data]
 
@@ -266,7 +286,6 @@ class PeerLink:
             return self._on_handshake(frame.payload, now), []
         if self.session is None:
             return [], []
-        self.counters.rx_bytes += len(frame.payload)
         events = self.session.receive(frame.type, frame.payload, now)
         return self._drain(), self._handle_events(events, now)
 
@@ -303,7 +322,7 @@ class PeerLink:
                     silent_for=event.silent_for,
                 )
                 self.last_error = f"peer silent for {event.silent_for:.1f}s"
-                self.session = None
+                self._set_session(None)
                 self._restart_pending = True
             elif isinstance(event, RecordDropped):
                 self.counters.extra[event.reason] = self.counters.extra.get(event.reason, 0) + 1
@@ -323,7 +342,8 @@ class PeerLink:
     # --- time ------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self._handshake_deadline, self.session and self.session.next_deadline()) if d]
+        session_deadline = self.session.next_deadline() if self.session is not None else None
+        deadlines = [d for d in (self._handshake_deadline, session_deadline) if d is not None]
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[bytes]:
@@ -349,7 +369,7 @@ class PeerLink:
         if self.session is not None and self.state is not LinkState.CLOSED:
             out.append(frames.encode_session_frame(MsgType.BYE, self.session_id, self.session.close(reason, now)))
         self.state = LinkState.CLOSED
-        self.session = None
+        self._set_session(None)
         self._handshake = None
         self._handshake_deadline = None
         return out
@@ -366,13 +386,13 @@ class PeerLink:
             "session_id": self.session_id.hex(),
             "e2e_session": self.session_tag or None,
             "role": "initiator" if self.initiator else "responder",
-            "rx_bytes": self.counters.rx_bytes,
-            "tx_bytes": self.counters.tx_bytes,
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
             "rx_frames": self.counters.rx_frames,
             "tx_frames": self.counters.tx_frames,
             "rtt_ms": round(self.last_rtt * 1000, 2) if self.last_rtt is not None else None,
             "session_age_s": round(now - self.established_at, 1) if self.established_at is not None else None,
             "handshakes": self.counters.handshakes,
-            "dropped": dict(self.counters.extra),
+            "dropped": {**self.counters.extra, "oversize": self.counters.dropped_oversize},
             "last_error": self.last_error,
         }
