@@ -16,6 +16,9 @@ PREFIX ?=
 # One-way delay of each peer's WAN link, each direction: "25ms" or "25" (empty: none).
 DELAY_A ?=
 DELAY_B ?=
+# One-way delay between each peer and the relay instead (empty: the peer's DELAY_X).
+RELAY_DELAY_A ?=
+RELAY_DELAY_B ?=
 
 .PHONY: all install system-packages test unit lint demo lab-up lab-down lab-status clean
 
@@ -59,7 +62,9 @@ demo: install
 
 lab-up: install
 	$(PY) netns-lab/lab.py up --nat-a $(NAT_A) --nat-b $(NAT_B) $(if $(PREFIX),--prefix $(PREFIX)) \
-	  $(if $(DELAY_A),--delay-a $(patsubst %ms,%,$(DELAY_A))) $(if $(DELAY_B),--delay-b $(patsubst %ms,%,$(DELAY_B)))
+	  $(if $(DELAY_A),--delay-a $(patsubst %ms,%,$(DELAY_A))) $(if $(DELAY_B),--delay-b $(patsubst %ms,%,$(DELAY_B))) \
+	  $(if $(RELAY_DELAY_A),--relay-delay-a $(patsubst %ms,%,$(RELAY_DELAY_A))) \
+	  $(if $(RELAY_DELAY_B),--relay-delay-b $(patsubst %ms,%,$(RELAY_DELAY_B)))
 
 lab-down:
 	@if [ -x $(PY) ]; then $(PY) netns-lab/lab.py down $(if $(PREFIX),--prefix $(PREFIX),--all); \

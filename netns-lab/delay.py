@@ -3,7 +3,13 @@ interfaces after a fixed one-way delay, because this kernel has no ``netem`` qdi
 
 ``Lab`` runs it inside ``P-dly-X``, spliced between nat-X's ``wan0`` and the WAN bridge::
 
-    python delay.py --delay-ms 25 --netns tv1a2b-dly-a lan0 wan0
+    python delay.py --delay-ms 7 --relay-delay-ms 20 --relay 203.0.113.1 --relay 203.0.113.2 \
+        --netns tv1a2b-dly-a lan0 wan0
+
+The first interface faces the peer, the second the WAN. Frames whose far end (the
+destination going out to the WAN, the source coming in from it) is a ``--relay`` address
+wait ``--relay-delay-ms``; every other frame, ARP and anything unparseable included,
+waits ``--delay-ms``. That is how the lab makes the relay path longer than the direct one.
 
 It prints ``ready`` on stdout once both sockets are open, then forwards in both
 directions until SIGTERM or SIGINT, until one of its interfaces disappears (a
@@ -25,7 +31,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 # linux/if_ether.h and linux/if_packet.h; Python's socket module does not export these.
@@ -40,6 +46,12 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 #: struct virtio_net_hdr, which PACKET_VNET_HDR puts in front of every frame.
 VNET_HDR_LEN = 10
+ETH_HDR_LEN = 14
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+
+#: Index of the interface facing the WAN in ``Forwarder.ifnames`` (the other faces the peer).
+WAN_SIDE = 1
 
 #: Queue limits per direction. 10,000 frames is ~0.8 s of a 100 Mbit/s link at full size;
 #: the byte limit matters for GSO frames (up to 64 KiB each), which this forwarder
@@ -105,8 +117,98 @@ class DelayLine:
             due.append(frame)
         return due
 
+    def pop_oldest(self) -> bytes:
+        """Remove and return the oldest queued frame, due or not."""
+        frame = self._queue.popleft()[1]
+        self.queued_bytes -= len(frame)
+        return frame
+
     def __len__(self) -> int:
         return len(self._queue)
+
+
+def far_end_address(frame: bytes, *, from_wan: bool, offset: int = 0) -> bytes | None:
+    """The packed IPv4 or IPv6 address of the far end of the Ethernet frame starting at
+    ``offset``: its source if it came from the WAN, its destination if it goes there.
+
+    None for ARP, VLAN-tagged, truncated or otherwise unparseable frames: their callers
+    give them the ordinary (peer) delay. Pure: no I/O, no state.
+    """
+    ip = offset + ETH_HDR_LEN
+    if len(frame) < ip + 1:
+        return None
+    ethertype = int.from_bytes(frame[ip - 2 : ip], "big")
+    version = frame[ip] >> 4
+    if ethertype == ETH_P_IP and version == 4 and len(frame) >= ip + 20:
+        start = ip + (12 if from_wan else 16)  # RFC 791: source at 12, destination at 16
+        return bytes(frame[start : start + 4])
+    if ethertype == ETH_P_IPV6 and version == 6 and len(frame) >= ip + 40:
+        start = ip + (8 if from_wan else 24)  # RFC 8200: source at 8, destination at 24
+        return bytes(frame[start : start + 16])
+    return None
+
+
+def pack_address(text: str) -> bytes:
+    """``"203.0.113.1"`` or ``"2001:db8::1"`` as the bytes found in a packet header."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            return socket.inet_pton(family, text)
+    raise DelayError(f"bad relay address {text!r}: use an IPv4 or IPv6 address")
+
+
+class ClassifiedDelayLine:
+    """One direction of the link: relay frames and all others wait in separate FIFOs,
+    each with its own delay. No I/O: callers classify the frame and pass the clock.
+
+    Two FIFOs keep order within each class and still need no heap: ``pop_due`` releases
+    from whichever head is due first. The queue limits apply to both together, so the
+    link as a whole holds at most ``max_frames`` frames and ``max_bytes`` per direction.
+    """
+
+    def __init__(
+        self,
+        delay_s: float,
+        relay_delay_s: float,
+        max_frames: int = MAX_QUEUED_FRAMES,
+        max_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
+        self.peer = DelayLine(delay_s, max_frames, max_bytes)
+        self.relay = DelayLine(relay_delay_s, max_frames, max_bytes)
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        #: Frames lost before reaching a queue: queue full, oversize, unreadable.
+        self.dropped = 0
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.peer.queued_bytes + self.relay.queued_bytes
+
+    def offer(self, frame: bytes, now: float, *, relay: bool) -> bool:
+        """Queue ``frame`` in its class; False, and counted, if the link is full."""
+        if len(self) >= self.max_frames or self.queued_bytes + len(frame) > self.max_bytes:
+            self.dropped += 1
+            return False
+        return (self.relay if relay else self.peer).offer(frame, now)
+
+    def next_release(self) -> float | None:
+        """When the earliest queued frame of either class is due, or None if none is queued."""
+        times = [t for t in (self.peer.next_release(), self.relay.next_release()) if t is not None]
+        return min(times, default=None)
+
+    def pop_due(self, now: float) -> list[bytes]:
+        """Remove and return every frame due at or before ``now``, in release-time order."""
+        due = []
+        while True:
+            heads = [(t, line) for line in (self.peer, self.relay) if (t := line.next_release()) is not None]
+            if not heads:
+                return due
+            when, line = min(heads, key=lambda head: head[0])
+            if when > now:
+                return due
+            due.append(line.pop_oldest())
+
+    def __len__(self) -> int:
+        return len(self.peer) + len(self.relay)
 
 
 def open_packet_socket(ifname: str) -> socket.socket:
@@ -146,24 +248,30 @@ def _netns_inode() -> tuple[int, int]:
 
 
 class Forwarder:
-    """Forwards frames between two interfaces of this namespace, each direction delayed."""
+    """Forwards frames between two interfaces of this namespace, each direction delayed:
+    by ``relay_delay_s`` for frames to or from ``relay_addresses``, by ``delay_s`` for the
+    rest. ``ifnames`` is (peer side, WAN side)."""
 
     def __init__(
         self,
         ifnames: tuple[str, str],
         delay_s: float,
         *,
+        relay_delay_s: float | None = None,
+        relay_addresses: Iterable[bytes] = (),
         netns: str | None = None,
         max_frames: int = MAX_QUEUED_FRAMES,
         max_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         self.ifnames = ifnames
         self.netns = netns
+        self.relay_addresses = frozenset(relay_addresses)
         if netns is not None and self._netns_renamed_or_gone():
             raise DelayError(f"not running inside namespace {netns} (use `ip netns exec {netns}`)")
         self.socks = [open_packet_socket(name) for name in ifnames]
+        relay_delay = delay_s if relay_delay_s is None else relay_delay_s
         # lines[i] holds frames read on interface i, to be sent on the other one.
-        self.lines = [DelayLine(delay_s, max_frames, max_bytes) for _ in ifnames]
+        self.lines = [ClassifiedDelayLine(delay_s, relay_delay, max_frames, max_bytes) for _ in ifnames]
         self.sent = [0, 0]
         self.send_errors = [0, 0]
         self.kernel_drops = [0, 0]
@@ -212,7 +320,11 @@ class Forwarder:
             if size > len(self._buf):
                 line.dropped += 1
                 continue
-            line.offer(bytes(self._view[:size]), now)
+            frame = bytes(self._view[:size])
+            relay = bool(self.relay_addresses) and (
+                far_end_address(frame, from_wan=side == WAN_SIDE, offset=VNET_HDR_LEN) in self.relay_addresses
+            )
+            line.offer(frame, now, relay=relay)
 
     def _release(self, now: float) -> None:
         for side, line in enumerate(self.lines):
@@ -289,7 +401,8 @@ class Forwarder:
         for side, line in enumerate(self.lines):
             arrow = f"{self.ifnames[side]}->{self.ifnames[1 - side]}"
             parts.append(
-                f"{arrow}: {self.sent[side]} forwarded, {line.dropped} dropped (queue full/oversize), "
+                f"{arrow}: {self.sent[side]} forwarded ({line.relay.accepted} with the relay delay), "
+                f"{line.dropped} dropped (queue full/oversize), "
                 f"{self.send_errors[side]} send errors, {self.kernel_drops[side]} kernel drops, "
                 f"{len(line)} still queued"
             )
@@ -299,19 +412,34 @@ class Forwarder:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="delay.py", description=__doc__.splitlines()[0])
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay, each direction")
+    parser.add_argument(
+        "--relay-delay-ms", type=float, help="one-way delay to/from a --relay address (default: --delay-ms)"
+    )
+    parser.add_argument(
+        "--relay", action="append", default=[], metavar="ADDR", help="a relay address (IPv4 or IPv6; repeatable)"
+    )
     parser.add_argument("--netns", help="exit when this named namespace (ours) is deleted")
     parser.add_argument("--max-frames", type=int, default=MAX_QUEUED_FRAMES, help="queue limit per direction")
-    parser.add_argument("ifname", nargs=2, help="the two interfaces to join")
+    parser.add_argument("ifname", nargs=2, help="the two interfaces to join: the peer side, then the WAN side")
     args = parser.parse_args(argv)
-    if args.delay_ms < 0 or args.max_frames < 1:
-        parser.error("--delay-ms must be >= 0 and --max-frames >= 1")
+    if args.delay_ms < 0 or (args.relay_delay_ms or 0) < 0 or args.max_frames < 1:
+        parser.error("--delay-ms and --relay-delay-ms must be >= 0 and --max-frames >= 1")
+    try:
+        relay_addresses = [pack_address(text) for text in args.relay]
+    except DelayError as exc:
+        parser.error(str(exc))
 
     def ready() -> None:
         print("ready", flush=True)
 
     try:
         forwarder = Forwarder(
-            (args.ifname[0], args.ifname[1]), args.delay_ms / 1000, netns=args.netns, max_frames=args.max_frames
+            (args.ifname[0], args.ifname[1]),
+            args.delay_ms / 1000,
+            relay_delay_s=None if args.relay_delay_ms is None else args.relay_delay_ms / 1000,
+            relay_addresses=relay_addresses,
+            netns=args.netns,
+            max_frames=args.max_frames,
         )
         reason = forwarder.run(ready)
     except DelayError as exc:

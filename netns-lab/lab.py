@@ -15,8 +15,9 @@ Topology (``P`` is the per-run prefix, ``X`` is a peer, ``a`` or ``b``, ``i`` is
 100.64.i.1/24, nat wan0 100.64.i.2/24). ``public`` turns ``P-nat-X`` into a plain bridge
 and gives the host 203.0.113.2i/24 directly. A link delay for peer X (no netem on this
 kernel) splices ``P-dly-X`` between the outer NAT's wan0 and br0: two address-less veth
-ends joined by delay.py. The WAN has no default route and nothing is connected to the
-root namespace: the lab is a closed world.
+ends joined by delay.py, which delays frames to or from RELAY_ADDRESSES by the peer's
+relay delay and all others by its peer delay. The WAN has no default route and nothing
+is connected to the root namespace: the lab is a closed world.
 
 NAT profiles, in RFC 4787 terms (mapping = how the public port is chosen; filtering =
 which inbound packets reach the host):
@@ -357,6 +358,8 @@ class Lab:
         symseq_delta: int = 1,
         delay_a_ms: int = 0,
         delay_b_ms: int = 0,
+        relay_delay_a_ms: int | None = None,
+        relay_delay_b_ms: int | None = None,
         state_dir: Path = STATE_DIR,
     ) -> None:
         for peer, profile in (("a", nat_a), ("b", nat_b)):
@@ -365,11 +368,20 @@ class Lab:
         self.prefix = prefix if prefix is not None else "tv" + secrets.token_hex(2)
         if not PREFIX_RE.match(self.prefix):
             raise LabError(f"bad prefix {self.prefix!r}: use 'tv' followed by 1-12 lowercase letters or digits")
-        for peer, delay in (("a", delay_a_ms), ("b", delay_b_ms)):
+        delays = (("a", "", delay_a_ms), ("b", "", delay_b_ms))
+        relay_delays = (("a", "relay ", relay_delay_a_ms), ("b", "relay ", relay_delay_b_ms))
+        for peer, kind, delay in (*delays, *(d for d in relay_delays if d[2] is not None)):
             if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY_MS:
-                raise LabError(f"bad delay {delay!r} for peer {peer}: use whole milliseconds, 0..{MAX_DELAY_MS}")
-        #: One-way delay per peer's WAN link, in ms, each direction (0: no forwarder).
+                raise LabError(f"bad {kind}delay {delay!r} for peer {peer}: use whole milliseconds, 0..{MAX_DELAY_MS}")
+        #: One-way delay, in ms, each direction, of everything peer X exchanges with the WAN
+        #: except the relay: the other peer, ARP.
         self.delays_ms = {"a": delay_a_ms, "b": delay_b_ms}
+        #: One-way delay, in ms, each direction, between peer X and RELAY_ADDRESSES (the
+        #: peer delay unless given). Direct RTT a<->b is 2*(dA+dB), relayed 2*(rA+rB).
+        self.relay_delays_ms = {
+            "a": delay_a_ms if relay_delay_a_ms is None else relay_delay_a_ms,
+            "b": delay_b_ms if relay_delay_b_ms is None else relay_delay_b_ms,
+        }
         self._forwarders: dict[str, subprocess.Popen[Any]] = {}
         self.profiles = {"a": nat_a, "b": nat_b}
         self.symseq_delta = symseq_delta
@@ -385,8 +397,12 @@ class Lab:
         """Roles present in this lab: the five base roles plus cgn-X for ``double`` peers
         and dly-X for peers with a link delay."""
         extra = tuple(f"cgn-{p}" for p in PEERS if self.profiles[p] == "double")
-        delayed = tuple(f"dly-{p}" for p in PEERS if self.delays_ms[p])
+        delayed = tuple(f"dly-{p}" for p in PEERS if self.has_delay_link(p))
         return BASE_ROLES + extra + delayed
+
+    def has_delay_link(self, peer: str) -> bool:
+        """True if peer's WAN link runs through P-dly-X: it has a delay of either kind."""
+        return bool(self.delays_ms[peer] or self.relay_delays_ms[peer])
 
     def ns(self, role: str) -> str:
         """Namespace name of ``role`` (e.g. "host-a" -> "tv1a2b-host-a")."""
@@ -508,7 +524,7 @@ class Lab:
         for peer in PEERS:
             self._build_peer(peer)
         for peer in PEERS:
-            if self.delays_ms[peer]:
+            if self.has_delay_link(peer):
                 self._start_delay_forwarder(peer)
 
     def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
@@ -528,8 +544,8 @@ class Lab:
         outer = self.ns(f"cgn-{peer}") if profile == "double" else nat
         # The namespace facing the WAN gets a port on the WAN bridge; with a delay, through
         # P-dly-X, so every packet of this peer to the WAN (relay, STUN, the other peer)
-        # crosses the forwarder.
-        if self.delays_ms[peer]:
+        # crosses the forwarder, which picks the delay by the far end's address.
+        if self.has_delay_link(peer):
             self._build_delay_link(peer, outer)
         else:
             self._veth(outer, "wan0", wan, f"port-{peer}")
@@ -583,6 +599,9 @@ class Lab:
         """Run delay.py in P-dly-X and wait (bounded) for its "ready"."""
         dly = self.ns(f"dly-{peer}")
         argv = [sys.executable, str(DELAY_FORWARDER), "--delay-ms", str(self.delays_ms[peer]), "--netns", dly]
+        argv += ["--relay-delay-ms", str(self.relay_delays_ms[peer])]
+        for address in RELAY_ADDRESSES:
+            argv += ["--relay", address]
         # stderr goes to an unlinked file: readable here if startup fails, and the
         # forwarder can still write its exit summary after `lab.py up` has exited.
         # A new session keeps terminal signals (Ctrl-C, hangup) of `lab.py up` away from it.
@@ -645,6 +664,7 @@ class Lab:
             "profiles": self.profiles,
             "symseq_delta": self.symseq_delta,
             "delays_ms": self.delays_ms,
+            "relay_delays_ms": self.relay_delays_ms,
             "namespaces": {role: self.ns(role) for role in self.roles},
             "addresses": self.addresses,
             "public": {p: self.public_address(p) for p in PEERS},
@@ -673,6 +693,9 @@ class Lab:
             symseq_delta=state.get("symseq_delta", 1),
             delay_a_ms=state.get("delays_ms", {}).get("a", 0),
             delay_b_ms=state.get("delays_ms", {}).get("b", 0),
+            # State files from before relay delays: None, the peer delay, as then.
+            relay_delay_a_ms=state.get("relay_delays_ms", {}).get("a"),
+            relay_delay_b_ms=state.get("relay_delays_ms", {}).get("b"),
             state_dir=state_dir,
         )
         lab._up = True
@@ -696,9 +719,9 @@ class Lab:
         forwarding = {}
         for peer in PEERS:
             ns = f"{self.prefix}-dly-{peer}"
-            if self.delays_ms[peer] and ns in existing:
+            if self.has_delay_link(peer) and ns in existing:
                 forwarding[peer] = bool(_run(["ip", "netns", "pids", ns]).split())
-            elif self.delays_ms[peer]:
+            elif self.has_delay_link(peer):
                 forwarding[peer] = False
         return {**self._state(), "roles": roles, "delay_forwarder_running": forwarding}
 
@@ -721,11 +744,27 @@ def _print_lab(state: Mapping[str, Any]) -> None:
             print(f"  {role:7} {ns:22} {' '.join(state['addresses'][role])}")
     for peer in PEERS:
         print(f"  peer {peer} is seen on the WAN as {state['public'][peer]}")
-    for peer, delay in state.get("delays_ms", {}).items():
-        if delay:
-            running = state.get("delay_forwarder_running", {}).get(peer)
-            mark = "" if running is None else (", forwarder running" if running else ", FORWARDER NOT RUNNING")
-            print(f"  peer {peer} link delay: {delay} ms each way (+{2 * delay} ms RTT to the WAN{mark})")
+    delays = state.get("delays_ms", {})
+    relay_delays = state.get("relay_delays_ms", delays)
+    for peer in PEERS:
+        delay, relay_delay = delays.get(peer, 0), relay_delays.get(peer, 0)
+        if not (delay or relay_delay):
+            continue
+        running = state.get("delay_forwarder_running", {}).get(peer)
+        # With two delays, the "expected RTT" line below gives the arithmetic.
+        notes = [f"+{2 * delay} ms RTT to the WAN"] if relay_delay == delay else []
+        if running is not None:
+            notes.append("forwarder running" if running else "FORWARDER NOT RUNNING")
+        line = f"  peer {peer} link delay: {delay} ms each way"
+        if relay_delay != delay:
+            line += f", {relay_delay} ms each way to/from the relay"
+        print(f"{line} ({', '.join(notes)})" if notes else line)
+    if any(delays.values()) or any(relay_delays.values()):
+        # What a path decision should see: the relay sits on br0, so a relayed packet
+        # crosses both relay delays and a direct one both peer delays, each way.
+        direct = 2 * sum(delays.get(p, 0) for p in PEERS)
+        relayed = 2 * sum(relay_delays.get(p, 0) for p in PEERS)
+        print(f"  expected RTT host-a <-> host-b: {direct} ms direct, {relayed} ms via the relay (+ processing)")
 
 
 def _known_prefixes(state_dir: Path) -> list[str]:
@@ -759,6 +798,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             metavar="MS",
             help=f"one-way delay of peer {peer}'s WAN link, each direction (e.g. 25 or 25ms)",
         )
+    for peer in PEERS:
+        up.add_argument(
+            f"--relay-delay-{peer}",
+            type=_delay_ms,
+            metavar="MS",
+            help=f"one-way delay between peer {peer} and the relay addresses instead (default: --delay-{peer})",
+        )
     up.add_argument("--json", action="store_true", help="print the lab as JSON")
     down = sub.add_parser("down", help="tear a lab down")
     which = down.add_mutually_exclusive_group()
@@ -780,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 symseq_delta=args.symseq_delta,
                 delay_a_ms=args.delay_a,
                 delay_b_ms=args.delay_b,
+                relay_delay_a_ms=args.relay_delay_a,
+                relay_delay_b_ms=args.relay_delay_b,
             )
             lab.up()
             state = lab.status()
