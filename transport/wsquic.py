@@ -102,11 +102,11 @@ ERROR_HANDSHAKE_TIMEOUT = 0x102
 ERROR_BAD_CERTIFICATE = QuicErrorCode.CRYPTO_ERROR + 42
 ERROR_NO_APPLICATION_PROTOCOL = QuicErrorCode.CRYPTO_ERROR + 120
 
-# Why a frame handed to send_datagram was refused, one counter in WsQuicStats each.
-DROP_OVERSIZE = "oversize"  # larger than max_datagram_payload
-DROP_QUEUE_FULL = "queue_full"  # max_pending_datagrams already wait for the congestion window
-DROP_NOT_CONNECTED = "not_connected"  # before Connected
-DROP_CLOSED = "closed"  # after ConnectionClosed
+#: How far past an aioquic deadline that did not move when fired we re-arm it.
+#: aioquic's loss timer, fired exactly at its deadline, can compute that same
+#: deadline again (``sent + delay`` versus ``sent <= now - delay`` in float
+#: arithmetic), which livelocks a driver whose clock only moves to deadlines.
+TIMER_GRANULARITY = 1e-6
 
 #: WebSocket framing overhead of one binary message, worst case (client: 14-byte
 #: header with a 64-bit length and the mask key).
@@ -185,11 +185,11 @@ class WsQuicStats:
     datagram_bytes_received: int = 0
     control_sent: int = 0
     control_received: int = 0
-    # send_datagram refusals, by DROP_* reason
-    dropped_oversize: int = 0
-    dropped_queue_full: int = 0
-    dropped_not_connected: int = 0
-    dropped_closed: int = 0
+    # send_datagram refusals, by reason
+    dropped_oversize: int = 0  # larger than max_datagram_payload
+    dropped_queue_full: int = 0  # max_pending_datagrams already wait for congestion window or pacing
+    dropped_not_connected: int = 0  # before Connected
+    dropped_closed: int = 0  # after ConnectionClosed
     # received DATAGRAM frames discarded (before Connected, after close, or over MAX_FRAME_SIZE)
     rx_datagrams_dropped: int = 0
     # UDP payloads aioquic raised on (it normally drops bad packets silently)
@@ -291,7 +291,7 @@ class WsQuicConnection:
         self._max_pending_control_bytes = max_pending_control_bytes
         self._handshake_deadline = now + handshake_timeout
 
-        # Made by connect() on the client, by the first Initial packet on the server.
+        # The client's exists from the start; the server's is made from the first Initial packet.
         self._quic: QuicConnection | None = None
         self._quic_datagrams: deque[bytes] = deque()
         if is_client:
@@ -312,7 +312,8 @@ class WsQuicConnection:
         self._connected = False
         self._closed = False
         self._terminated = False
-        self._close_requested: str | None = None
+        self._close_requested: tuple[str, bool] | None = None  # reason, flush first
+        self._quic_fired_at: float | None = None  # the last now aioquic's handle_timer ran at
         self._events: deque[WsQuicEvent] = deque()
         self._stats = WsQuicStats()
 
@@ -381,10 +382,10 @@ class WsQuicConnection:
             if self._closed:
                 return
             quic = self._accept_first_packet(data)
-        elif self._is_client and not self._started:
-            return  # nothing is expected before connect()
             if quic is None:
                 return
+        elif self._is_client and not self._started:
+            return  # nothing is expected before connect()
         try:
             quic.receive_datagram(data, PLACEHOLDER_PEER, now)
         except Exception:  # aioquic drops bad packets itself; this is a last line of defence
@@ -399,7 +400,9 @@ class WsQuicConnection:
                 self._quic_datagrams = deque()
                 return
             self._started = True
-        self._process_quic_events(by_peer=True)
+        self._process_quic_events()
+        if not self._closed:
+            self._notice_quic_close()
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """UDP payloads to put on the path, oldest first."""
@@ -407,16 +410,17 @@ class WsQuicConnection:
         if quic is None or not self._started:
             return []
         if self._close_requested is not None:
-            reason, self._close_requested = self._close_requested, None
+            (reason, flush), self._close_requested = self._close_requested, None
             # One last flush, so a BYE queued just before close() leaves ahead of the close.
-            out = quic.datagrams_to_send(now)
+            out = quic.datagrams_to_send(now) if flush else []
             quic.close(error_code=ERROR_NONE, reason_phrase=reason)
             out += quic.datagrams_to_send(now)
         else:
             out = quic.datagrams_to_send(now)
-            if out and self._quic_datagrams:
-                # A DATAGRAM frame that did not fit behind a coalesced handshake
-                # packet waits for the next call, which nothing else would trigger.
+            if out and self._quic_datagrams and out[-1][0][0] & 0x80:
+                # The last UDP datagram began with a long-header (handshake) packet:
+                # a DATAGRAM frame that did not fit behind it in the coalesced
+                # datagram waits for the next call, which nothing else would trigger.
                 out += quic.datagrams_to_send(now)
         stats = self._stats
         payloads = [data for data, _addr in out]
@@ -432,6 +436,9 @@ class WsQuicConnection:
         quic = self._quic
         if quic is not None and self._started:
             timer = quic.get_timer()
+            fired_at = self._quic_fired_at
+            if timer is not None and fired_at is not None and timer <= fired_at:
+                timer = fired_at + TIMER_GRANULARITY  # see TIMER_GRANULARITY
         if not self._connected and not self._closed:
             timer = self._handshake_deadline if timer is None else min(timer, self._handshake_deadline)
         return timer
@@ -444,7 +451,8 @@ class WsQuicConnection:
             # aioquic's handle_timer compares with its close deadline, which is None once terminated.
             if timer is not None and now >= timer:
                 quic.handle_timer(now)
-                self._process_quic_events(by_peer=False)
+                self._quic_fired_at = now
+                self._process_quic_events()
         if not self._connected and not self._closed and now >= self._handshake_deadline:
             self._fail(ERROR_HANDSHAKE_TIMEOUT, "direct path QUIC handshake timed out")
 
@@ -513,8 +521,9 @@ class WsQuicConnection:
             return
         reason = _truncate_reason(reason)
         if self._quic is not None and self._started:
+            # Flush only a connected stream: mid-handshake, a flush could send our TLS Finished.
             self._flush_control()
-            self._close_requested = reason
+            self._close_requested = (reason, self._connected)
         else:
             self._terminated = True
         self._mark_closed(reason, error=False, by_peer=False)
@@ -553,7 +562,7 @@ class WsQuicConnection:
         stream = quic._streams.get(CONTROL_STREAM_ID)
         return 0 if stream is None else len(stream.sender._buffer)
 
-    def _process_quic_events(self, *, by_peer: bool) -> None:
+    def _process_quic_events(self) -> None:
         quic = self._quic
         assert quic is not None
         while (event := quic.next_event()) is not None:
@@ -570,7 +579,7 @@ class WsQuicConnection:
             elif isinstance(event, quic_events.HandshakeCompleted):
                 self._on_handshake_completed(event)
             elif isinstance(event, quic_events.ConnectionTerminated):
-                self._on_terminated(event, by_peer=by_peer)
+                self._on_terminated(event)
             elif isinstance(event, (quic_events.StreamReset, quic_events.StopSendingReceived)):
                 self._fail(ERROR_CONTROL_STREAM, f"peer abandoned stream {event.stream_id}")
             # ProtocolNegotiated, PingAcknowledged, ConnectionIdIssued/Retired: nothing to do.
@@ -703,16 +712,37 @@ class WsQuicConnection:
         self._control_out_bytes = 0
         self._quic.send_stream_data(CONTROL_STREAM_ID, data)
 
-    def _on_terminated(self, event: quic_events.ConnectionTerminated, *, by_peer: bool) -> None:
+    def _notice_quic_close(self) -> None:
+        """Report a close aioquic decided on while receiving, without waiting for its closing period.
+
+        aioquic queues ConnectionTerminated only when the closing or draining
+        period ends (3 PTO, RFC 9000 section 10.2); the application should know
+        at once that nothing more will be delivered. 1.7.2 keeps the pending
+        close in ``_close_event`` and the phase in ``_state``.
+        """
+        quic = self._quic
+        assert quic is not None
+        event = quic._close_event
+        if event is None:
+            return
+        by_peer = quic._state is QuicConnectionState.DRAINING  # the peer's CONNECTION_CLOSE
+        self._mark_closed(
+            self._close_reason(event), error=event.error_code != ERROR_NONE or not by_peer, by_peer=by_peer
+        )
+
+    def _on_terminated(self, event: quic_events.ConnectionTerminated) -> None:
         self._terminated = True
         if self._closed:
-            return  # we closed first; this is the end of the closing period
-        code = event.error_code
-        if event.reason_phrase == "Idle timeout" and event.error_code == QuicErrorCode.INTERNAL_ERROR:
-            reason, by_peer = "idle timeout", False  # aioquic's own, see QuicConnection.handle_timer
+            return  # already reported; this is the end of the closing or draining period
+        if event.error_code == QuicErrorCode.INTERNAL_ERROR and event.reason_phrase == "Idle timeout":
+            # aioquic's own, from handle_timer (it sends nothing: RFC 9000 section 10.1).
+            self._mark_closed("idle timeout", error=True, by_peer=False)
         else:
-            reason = event.reason_phrase or f"QUIC error 0x{code:x}"
-        self._mark_closed(reason, error=code != ERROR_NONE, by_peer=by_peer)
+            self._mark_closed(self._close_reason(event), error=event.error_code != ERROR_NONE, by_peer=True)
+
+    @staticmethod
+    def _close_reason(event: quic_events.ConnectionTerminated) -> str:
+        return event.reason_phrase or f"QUIC error 0x{event.error_code:x}"
 
     def _fail(self, code: int, reason: str, *, frame_type: int | None = None) -> None:
         if self._closed:

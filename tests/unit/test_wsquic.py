@@ -229,7 +229,9 @@ def test_pin_failure_closes_with_bad_certificate_code(monkeypatch: pytest.Monkey
     codes: list[int] = []
     real_close = wsquic.QuicConnection.close
 
-    def spy(self: wsquic.QuicConnection, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = "") -> None:
+    def spy(
+        self: wsquic.QuicConnection, error_code: int = 0, frame_type: int | None = None, reason_phrase: str = ""
+    ) -> None:
         codes.append(error_code)
         real_close(self, error_code, frame_type, reason_phrase)
 
@@ -286,7 +288,11 @@ def test_control_frames_of_all_sizes_arrive_complete_and_in_order() -> None:
         wire.client.send_control(frame)
     for frame in down:
         wire.server.send_control(frame)
-    wire.run_until(lambda: len(control_frames(wire, wire.server)) == len(up) and len(control_frames(wire, wire.client)) == len(down))
+    wire.run_until(
+        lambda: (
+            len(control_frames(wire, wire.server)) == len(up) and len(control_frames(wire, wire.client)) == len(down)
+        )
+    )
     assert control_frames(wire, wire.server) == up
     assert control_frames(wire, wire.client) == down
     assert wire.client.stats.control_sent == len(up) and wire.server.stats.control_received == len(up)
@@ -348,7 +354,9 @@ def test_datagram_frames_arrive() -> None:
     down = [encode_session_frame(MsgType.DATA, bytes(16), bytes(100))]
     assert all(wire.client.send_datagram(f) for f in up)
     assert all(wire.server.send_datagram(f) for f in down)
-    wire.run_until(lambda: len(datagram_frames(wire, wire.server)) == len(up) and bool(datagram_frames(wire, wire.client)))
+    wire.run_until(
+        lambda: len(datagram_frames(wire, wire.server)) == len(up) and bool(datagram_frames(wire, wire.client))
+    )
     assert datagram_frames(wire, wire.server) == up
     assert datagram_frames(wire, wire.client) == down
     stats = wire.client.stats
@@ -392,7 +400,7 @@ def test_pending_datagram_queue_is_bounded() -> None:
 
 
 def test_datagrams_before_connected_are_refused() -> None:
-    client, server = make_pair()
+    client, _server = make_pair()
     assert not client.send_datagram(b"too early")
     assert client.stats.dropped_not_connected == 1
 
@@ -428,8 +436,10 @@ def test_lossy_wire_keeps_control_frames_complete_and_in_order() -> None:
                 sent_datagrams.append(datagram)
         wire.run_for(0.01)
     wire.run_until(
-        lambda: len(control_frames(wire, wire.server)) == len(control)
-        and len(control_frames(wire, wire.client)) == len(control),
+        lambda: (
+            len(control_frames(wire, wire.server)) == len(control)
+            and len(control_frames(wire, wire.client)) == len(control)
+        ),
         within=120.0,
     )
     assert control_frames(wire, wire.server) == control
@@ -551,6 +561,7 @@ def test_close_reaches_the_peer_with_its_reason() -> None:
     wire = connected_wire()
     wire.client.send_control(b"BYE frame queued just before close")
     wire.client.close("session over")
+    wire.flush()
     assert closed_event(wire, wire.client) == ConnectionClosed("session over", error=False, by_peer=False)
     wire.run_until(lambda: wire.server.closed)
     assert control_frames(wire, wire.server) == [b"BYE frame queued just before close"]
@@ -560,6 +571,25 @@ def test_close_reaches_the_peer_with_its_reason() -> None:
     assert not wire.client.send_datagram(b"late")
     wire.client.close("twice")  # idempotent
     assert len(wire.events_of(wire.client, ConnectionClosed)) == 1
+
+
+def test_close_before_or_during_the_handshake() -> None:
+    client, server = make_pair()
+    client.close("changed my mind")  # never connected: nothing to send, nothing to time
+    assert client.terminated and client.get_timer() is None and client.datagrams_to_send(0.0) == []
+    assert client.next_event() == ConnectionClosed("changed my mind", error=False, by_peer=False)
+
+    client, server = make_pair()
+    wire = Wire(client, server)
+    client.connect(wire.now)
+    wire.flush()
+    wire.step()  # the server has the Initial, the client has nothing yet
+    client.close("ICE pair went away")
+    wire.run_until(lambda: server.closed)
+    wire.run_for(2.0)
+    assert not wire.events_of(server, Connected) and not wire.events_of(client, Connected)
+    assert closed_event(wire, server).by_peer
+    assert client.terminated and server.terminated
 
 
 def test_server_close_reaches_the_client() -> None:
@@ -620,12 +650,12 @@ class _UdpDriver(asyncio.DatagramProtocol):
         self.peer = peer
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[WsQuicEvent] = asyncio.Queue()
+        self.backlog: list[WsQuicEvent] = []
         self.transport: asyncio.DatagramTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self.peer is None:
@@ -652,10 +682,13 @@ class _UdpDriver(asyncio.DatagramProtocol):
         self.pump()
 
     async def next_of(self, kind: type) -> WsQuicEvent:
+        """The next event of ``kind``; events of other kinds stay queued, in order."""
         while True:
-            event = await asyncio.wait_for(self.events.get(), timeout=5.0)
-            if isinstance(event, kind):
-                return event
+            for i, event in enumerate(self.backlog):
+                if isinstance(event, kind):
+                    del self.backlog[i]
+                    return event
+            self.backlog.append(await asyncio.wait_for(self.events.get(), timeout=5.0))
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -669,9 +702,7 @@ def test_over_real_udp_sockets_on_loopback() -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         client_conn, server_conn = make_pair(now=now)
-        _, server = await loop.create_datagram_endpoint(
-            lambda: _UdpDriver(server_conn), local_addr=("127.0.0.1", 0)
-        )
+        _, server = await loop.create_datagram_endpoint(lambda: _UdpDriver(server_conn), local_addr=("127.0.0.1", 0))
         server_addr = server.transport.get_extra_info("sockname")  # type: ignore[union-attr]
         _, client = await loop.create_datagram_endpoint(
             lambda: _UdpDriver(client_conn, peer=server_addr), local_addr=("127.0.0.1", 0)
