@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the lab, the TAP device and the tests need.
-APT_PACKAGES := nftables iproute2 iputils-ping tcpdump procps psmisc python3-venv python3-dev gcc
+APT_PACKAGES := nftables iproute2 iputils-ping tcpdump procps psmisc python3-venv python3-dev gcc coturn
 
 NAT_A ?= cone
 NAT_B ?= cone
@@ -32,6 +32,10 @@ system-packages:
 	  echo "==> installing system packages:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "error: installing$$missing needs root (run as root or install them yourself)"; exit 1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  if echo "$$missing" | grep -qw coturn; then \
+	    echo "==> coturn is installed for interop tests only: keeping its system service stopped"; \
+	    systemctl disable --now coturn.service >/dev/null 2>&1 || service coturn stop >/dev/null 2>&1 || true; \
+	  fi; \
 	fi
 
 $(STAMP): setup.cfg pyproject.toml

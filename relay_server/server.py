@@ -21,7 +21,7 @@ import logging
 import secrets
 import signal
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -310,8 +310,10 @@ class RelayServer:
     All state lives on the event loop thread; every method runs there.
     """
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, *, extra_metrics: Callable[[], Iterable[str]] | None = None) -> None:
         self._config = config
+        #: More /metrics lines from a component sharing the process (the STUN server).
+        self._extra_metrics = extra_metrics
         self._networks = _validate_networks(config.networks)
         self.port: int = config.port
         self._server: Server | None = None
@@ -406,7 +408,7 @@ class RelayServer:
 
     def metrics_text(self) -> str:
         """The Prometheus text exposition served at ``/metrics``."""
-        return render_metrics(
+        text = render_metrics(
             self._counters,
             clients_connected=sum(len(clients) for clients in self._clients.values()),
             connections_open=len(self._connections),
@@ -415,6 +417,9 @@ class RelayServer:
                 for s in self._sessions.values()
             ],
         )
+        if self._extra_metrics is not None:
+            text += "".join(line + "\n" for line in self._extra_metrics())
+        return text
 
     def sessions(self) -> list[SessionStats]:
         """Snapshots of the active sessions."""
@@ -847,9 +852,12 @@ class RelayServer:
         task.add_done_callback(self._tasks.discard)
 
 
-async def run_relay(config: RelayConfig) -> None:
-    """Serve until cancelled, SIGINT or SIGTERM, then shut down gracefully."""
-    relay = RelayServer(config)
+async def run_relay(config: RelayConfig, *, extra_metrics: Callable[[], Iterable[str]] | None = None) -> None:
+    """Serve until cancelled, SIGINT or SIGTERM, then shut down gracefully.
+
+    ``extra_metrics`` adds lines to /metrics (the STUN server's, when `traversal relay --stun` runs one).
+    """
+    relay = RelayServer(config, extra_metrics=extra_metrics)
     await relay.start()
     scheme = "wss" if config.ssl is not None else "ws"
     url = f"{scheme}://{_format_addr(config.host, relay.port)}"

@@ -167,6 +167,18 @@ def genpsk(out: str, force: bool) -> None:
 @click.option("--mtu", type=int, default=None, help="Overlay MTU announced in ESTABLISHED.")
 @click.option("--heartbeat", type=int, default=None, help="Heartbeat interval (s) announced in ESTABLISHED.")
 @click.option("--key-rotation", "key_rotation", type=int, default=None, help="Key rotation interval (s) announced.")
+@click.option(
+    "--stun",
+    "stun",
+    metavar="IP:PORT",
+    help="Also serve STUN Binding on this UDP address (e.g. 203.0.113.1:3478), in the same process.",
+)
+@click.option(
+    "--stun-alt",
+    "stun_alt",
+    metavar="IP:PORT",
+    help="Alternate STUN address (another IP and another port) for RFC 5780 NAT behaviour discovery.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def relay(
     listen: str,
@@ -178,10 +190,13 @@ def relay(
     mtu: int | None,
     heartbeat: int | None,
     key_rotation: int | None,
+    stun: str | None,
+    stun_alt: str | None,
     verbose: bool,
 ) -> None:
-    """Run the relay: login, pairing, end-to-end message forwarding, /metrics."""
+    """Run the relay: login, pairing, end-to-end message forwarding, /metrics; optionally STUN."""
     from relay_server.server import RelayConfig, RelayError, run_relay
+    from relay_server.stun_server import StunServer, StunServerError
     from relay_server.tls import TlsError, ensure_self_signed, server_ssl_context
     from transport.constants import MAX_MTU, MIN_MTU
 
@@ -228,10 +243,35 @@ def relay(
         if not 10 <= key_rotation <= 86400:
             raise UserError("--key-rotation must be between 10 and 86400 seconds")
         overrides["key_rotation_interval"] = key_rotation
+    if stun_alt and not stun:
+        raise UserError("--stun-alt needs --stun (the primary STUN address)")
+    stun_server = None
+    if stun:
+        stun_primary = _split_hostport(stun, "--stun")
+        stun_alternate = _split_hostport(stun_alt, "--stun-alt") if stun_alt else None
+        if stun_primary[1] == 0 or (stun_alternate and stun_alternate[1] == 0):
+            raise UserError("--stun and --stun-alt need a port (3478 is the usual one)")
+        try:
+            stun_server = StunServer(stun_primary, stun_alternate)
+        except StunServerError as exc:
+            raise UserError(str(exc)) from None
+
+    async def serve() -> None:
+        # The STUN server shares the relay's event loop; it binds first so a taken UDP port
+        # fails before any peer could connect.
+        if stun_server is None:
+            await run_relay(config)
+            return
+        await stun_server.start()
+        try:
+            await run_relay(config, extra_metrics=stun_server.metrics_lines)
+        finally:
+            await stun_server.close()
+
     try:
         config = RelayConfig(host=host, port=port, networks=networks, ssl=ssl_context, **overrides)
-        _run(lambda: run_relay(config))
-    except RelayError as exc:
+        _run(serve)
+    except (RelayError, StunServerError) as exc:
         raise UserError(str(exc)) from None
 
 
@@ -394,6 +434,96 @@ def status(control: str | None, as_json: bool) -> None:
     click.echo("")
     for row in rows:
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+# --- probe ---------------------------------------------------------------------
+
+
+def _probe_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """Eager --config for probe: the default --stun is ``stun`` in the [connect] table.
+
+    The rest of [connect] belongs to `traversal connect`; its keys are accepted (and
+    type-checked) here so one file serves both commands.
+    """
+    if value is None:
+        return
+    allowed: dict[str, type | tuple[type, ...]] = {"stun": str}
+    for param in connect.params:
+        if isinstance(param, click.Option) and param.name not in (None, "config", "verbose"):
+            if param.multiple:
+                allowed[param.name] = list
+            elif param.is_flag:
+                allowed[param.name] = bool
+            elif isinstance(param.type, click.types.IntParamType):
+                allowed[param.name] = int
+            elif isinstance(param.type, click.types.FloatParamType):
+                allowed[param.name] = (int, float)
+            else:
+                allowed[param.name] = str
+    try:
+        table = load_section(Path(value), "connect", allowed)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    if "stun" in table:
+        ctx.default_map = {**(ctx.default_map or {}), "stun": table["stun"]}
+
+
+@main.command()
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    is_eager=True,
+    expose_value=False,
+    callback=_probe_config,
+    help='TOML file whose [connect] table may set stun = "HOST:PORT" (the flag wins).',
+)
+@click.option(
+    "--stun", "stun", metavar="HOST:PORT", help="STUN server, ideally with RFC 5780 (traversal relay --stun)."
+)
+@click.option("--json", "as_json", is_flag=True, help='Print the result as JSON (stable keys, "version": 1).')
+@click.option("--lifetime", is_flag=True, help="Also measure how long an idle UDP mapping lives (slow).")
+@click.option(
+    "--lifetime-max",
+    "lifetime_max",
+    type=click.FloatRange(1, 600),
+    default=120.0,
+    show_default=True,
+    help="Longest idle time (s) --lifetime waits.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 30),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for each STUN answer (tests that expect none take this long).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def probe(stun: str | None, as_json: bool, lifetime: bool, lifetime_max: float, timeout: float, verbose: bool) -> None:
+    """What NAT am I behind? UDP, public address, mapping, filtering, ports, hairpinning, verdict."""
+    from traversal.probe import ProbeError, ProbeOptions, format_human, run_probe
+
+    setup_logging(verbose)
+    if not stun:
+        raise UserError(
+            "no STUN server: pass --stun HOST:PORT (e.g. the relay's --stun address) "
+            "or set stun in the [connect] table of --config"
+        )
+    host, port = _split_hostport(stun, "--stun")
+    if port == 0:
+        raise UserError(f"--stun needs a port other than 0 (3478 is the usual one), got {stun!r}")
+    options = ProbeOptions(host=host, port=port, timeout=timeout, lifetime=lifetime, lifetime_max=lifetime_max)
+    try:
+        result = asyncio.run(run_probe(options))
+    except ProbeError as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise UserError("interrupted") from None
+    except OSError as exc:
+        raise UserError(f"probe failed: {exc.strerror or exc}") from None
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(format_human(result, lifetime_requested=lifetime))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from aioice.stun import message_fingerprint, pack_address, pack_xor_address, unpack_address, unpack_xor_address
 
@@ -592,8 +593,8 @@ class StunClient(asyncio.DatagramProtocol):
     # --- DatagramProtocol ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # The selector event loop's datagram transport does not subclass DatagramTransport.
+        self._transport = cast(asyncio.DatagramTransport, transport)
         self.local_address = normalize_address(transport.get_extra_info("sockname"))
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
