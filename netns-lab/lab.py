@@ -13,11 +13,14 @@ Topology (``P`` is the per-run prefix, ``X`` is a peer, ``a`` or ``b``, ``i`` is
 
 ``double`` puts ``P-cgn-X`` between the NAT and the WAN (cgn wan0 203.0.113.1i, cgn lan0
 100.64.i.1/24, nat wan0 100.64.i.2/24). ``public`` turns ``P-nat-X`` into a plain bridge
-and gives the host 203.0.113.2i/24 directly. A link delay for peer X (no netem on this
-kernel) splices ``P-dly-X`` between the outer NAT's wan0 and br0: two address-less veth
-ends joined by delay.py, which delays frames to or from RELAY_ADDRESSES by the peer's
-relay delay and all others by its peer delay. The WAN has no default route and nothing
-is connected to the root namespace: the lab is a closed world.
+and gives the host 203.0.113.2i/24 directly. ``dualstack`` adds routed IPv6 (no NAT66)
+to a ``symrand`` NAT: host eth0 2001:db8:i::2/64, nat lan0 2001:db8:i::1/64, nat wan0
+2001:db8::1i/64, and br0 2001:db8::1/64 + 2001:db8::2/64 (RELAY_ADDRESSES6). A link
+delay for peer X (no netem on this kernel) splices ``P-dly-X`` between the outer NAT's
+wan0 and br0: two address-less veth ends joined by delay.py, which delays frames to or
+from RELAY_ADDRESSES and RELAY_ADDRESSES6 by the peer's relay delay and all others by
+its peer delay. The WAN has no default route and nothing is connected to the root
+namespace: the lab is a closed world.
 
 NAT profiles, in RFC 4787 terms (mapping = how the public port is chosen; filtering =
 which inbound packets reach the host):
@@ -37,6 +40,8 @@ symseq        address-and-port-dependent,       address-and-port-dependent      
 udpblock      TCP/ICMP as cone; UDP from LAN    address-and-port-dependent             dropped
               to WAN is dropped
 double        two cone NATs in a row (CGN)      address-and-port-dependent, twice      dropped
+dualstack     IPv4 as symrand; IPv6 none (a     IPv4 as symrand; IPv6 stateful         dropped
+              global address, no NAT66)         firewall: only replies come in
 ============  ===============================  ====================================  =======
 
 Every NAT drops unsolicited inbound ``ct state new`` on its WAN side (only ICMP echo to the
@@ -50,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import ipaddress
 import json
 import os
 import re
@@ -65,7 +71,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-PROFILES = ("public", "cone", "fullcone", "symrand", "symseq", "udpblock", "double")
+PROFILES = ("public", "cone", "fullcone", "symrand", "symseq", "udpblock", "double", "dualstack")
 PEERS = ("a", "b")
 BASE_ROLES = ("wan", "nat-a", "host-a", "nat-b", "host-b")
 #: Every role suffix a lab namespace can carry; down_all() deletes nothing else.
@@ -73,6 +79,10 @@ ALL_ROLES = (*BASE_ROLES, "cgn-a", "cgn-b", "dly-a", "dly-b")
 
 RELAY_ADDRESSES = ("203.0.113.1", "203.0.113.2")
 WAN_PREFIXLEN = 24
+#: The relay / STUN addresses on br0 when a peer is ``dualstack`` (in the compressed form
+#: sockets report), and the prefix length of the WAN and of each peer's LAN.
+RELAY_ADDRESSES6 = ("2001:db8::1", "2001:db8::2")
+PREFIXLEN6 = 64
 
 #: Prefixes are short and start with "tv" so crashed runs are recognisable and namespace
 #: names stay readable; the random part keeps parallel runs apart.
@@ -243,6 +253,39 @@ table ip lab {{
 """
 
 
+def ruleset_ipv6_firewall() -> str:
+    """A home router's IPv6 firewall (RFC 6092): global addresses, no NAT66, and a stateful
+    filter. The LAN may open flows; from the WAN only their replies, and the ICMPv6 errors
+    about them (``related``: packet too big, unreachable), come in. New inbound flows,
+    echo requests to the hosts included, are dropped, as most home routers do."""
+    return """\
+table ip6 lab {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        # Conntrack leaves neighbour discovery untracked, and without it nothing on a link
+        # can reach anything (RFC 4890): accept it before any ct state rule.
+        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept
+        # As over IPv4, the router itself answers pings.
+        iifname "wan0" ct state new icmpv6 type echo-request accept
+        iifname "wan0" ct state new counter drop comment "unsolicited inbound"
+    }
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "wan0" accept
+        iifname "wan0" counter drop comment "unsolicited inbound"
+    }
+}
+"""
+
+
+def ruleset_dualstack() -> str:
+    """IPv4 exactly as ``symrand``, plus IPv6 routed through a stateful firewall: two
+    hosts that both send first meet directly over IPv6 (each one's outbound packet lets
+    the other's in), while their IPv4 NATs would defeat port prediction."""
+    return ruleset_symrand() + ruleset_ipv6_firewall()
+
+
 # --- namespace helpers shared by Lab and down_all ------------------------------------------
 
 
@@ -389,6 +432,8 @@ class Lab:
         self._procs: list[subprocess.Popen[Any]] = []
         self._up = False
         self.addresses = self._plan_addresses()
+        #: IPv6 addresses (CIDR) per role; only ``dualstack`` peers and then the WAN have any.
+        self.addresses6 = self._plan_addresses6()
 
     # -- naming and addressing ------------------------------------------------------------
 
@@ -430,6 +475,30 @@ class Lab:
                 plan[f"nat-{peer}"] = [wan, f"192.168.{i}.1/24"]
             plan[f"host-{peer}"] = [f"192.168.{i}.2/24"]
         return plan
+
+    def _plan_addresses6(self) -> dict[str, list[str]]:
+        peers: dict[str, list[str]] = {}
+        for i, peer in enumerate(PEERS, start=1):
+            if self.profiles[peer] == "dualstack":
+                peers[f"nat-{peer}"] = [f"2001:db8::1{i}/{PREFIXLEN6}", f"2001:db8:{i}::1/{PREFIXLEN6}"]
+                peers[f"host-{peer}"] = [f"2001:db8:{i}::2/{PREFIXLEN6}"]
+        if not peers:
+            return {}
+        return {"wan": [f"{a}/{PREFIXLEN6}" for a in RELAY_ADDRESSES6], **peers}
+
+    def has_ipv6(self, peer: str) -> bool:
+        """True if peer's host has a global IPv6 address (the ``dualstack`` profile)."""
+        return f"host-{peer}" in self.addresses6
+
+    def host_address6(self, peer: str) -> str:
+        """The host's global IPv6 address (what its IPv6 sockets bind to)."""
+        if not self.has_ipv6(peer):
+            raise LabError(f"peer {peer} ({self.profiles[peer]}) has no IPv6: use the dualstack profile")
+        return self.addresses6[f"host-{peer}"][0].split("/")[0]
+
+    def public_address6(self, peer: str) -> str:
+        """The IPv6 address the WAN sees for this peer's host: its own (no NAT66)."""
+        return self.host_address6(peer)
 
     def host_address(self, peer: str) -> str:
         """The host's own address (what its sockets bind to)."""
@@ -516,13 +585,20 @@ class Lab:
         for ns in self.namespaces:
             _run(["ip", "netns", "add", ns])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for role in self.addresses6:
+            # Before any interface exists, so link-local addresses skip DAD too: a router
+            # sends neighbour solicitations for forwarded packets only from a usable
+            # link-local address, and a tentative one would stall the first second.
+            for scope in ("all", "default"):
+                self._sysctl(self.ns(role), f"net.ipv6.conf.{scope}.accept_dad=0")
         wan = self.ns("wan")
         _run(["ip", "-n", wan, "link", "add", "br0", "type", "bridge"])
-        for cidr in self.addresses["wan"]:
+        for cidr in self.addresses["wan"] + self.addresses6.get("wan", []):
             _run(["ip", "-n", wan, "addr", "add", cidr, "dev", "br0"])
         _run(["ip", "-n", wan, "link", "set", "br0", "up"])
         for peer in PEERS:
             self._build_peer(peer)
+        self._route_ipv6()
         for peer in PEERS:
             if self.has_delay_link(peer):
                 self._start_delay_forwarder(peer)
@@ -579,7 +655,28 @@ class Lab:
         self._addr(nat, nat_lan, "lan0")
         self._addr(host, host_addr, "eth0")
         _run(["ip", "-n", host, "route", "add", "default", "via", nat_lan.split("/")[0]])
+        if self.has_ipv6(peer):
+            # A router, not a NAT66: the host's global address is what the WAN sees.
+            nat6_wan, nat6_lan = self.addresses6[f"nat-{peer}"]
+            self._sysctl(nat, "net.ipv6.conf.all.forwarding=1")
+            self._addr(nat, nat6_wan, "wan0")
+            self._addr(nat, nat6_lan, "lan0")
+            self._addr(host, self.addresses6[f"host-{peer}"][0], "eth0")
+            _run(["ip", "-n", host, "-6", "route", "add", "default", "via", nat6_lan.split("/")[0], "dev", "eth0"])
         self._load_ruleset(nat, self._ruleset(peer))
+
+    def _route_ipv6(self) -> None:
+        """Route each dualstack LAN prefix via its router's WAN address, from the WAN and
+        from the other router. br0 stands for the whole IPv6 internet, as its one /24 does
+        for IPv4, so only the routers forward and the WAN keeps no default route."""
+        routers = [peer for peer in PEERS if self.has_ipv6(peer)]
+        for peer in routers:
+            router_wan, router_lan = self.addresses6[f"nat-{peer}"]
+            prefix, via = str(ipaddress.ip_interface(router_lan).network), router_wan.split("/")[0]
+            _run(["ip", "-n", self.ns("wan"), "-6", "route", "add", prefix, "via", via, "dev", "br0"])
+            for other in routers:
+                if other != peer:
+                    _run(["ip", "-n", self.ns(f"nat-{other}"), "-6", "route", "add", prefix, "via", via, "dev", "wan0"])
 
     def _build_delay_link(self, peer: str, outer: str) -> None:
         """``outer`` wan0 <-> P-dly-X lan0 [forwarder] P-dly-X wan0 <-> P-wan port-X (on br0).
@@ -600,7 +697,7 @@ class Lab:
         dly = self.ns(f"dly-{peer}")
         argv = [sys.executable, str(DELAY_FORWARDER), "--delay-ms", str(self.delays_ms[peer]), "--netns", dly]
         argv += ["--relay-delay-ms", str(self.relay_delays_ms[peer])]
-        for address in RELAY_ADDRESSES:
+        for address in RELAY_ADDRESSES + RELAY_ADDRESSES6:
             argv += ["--relay", address]
         # stderr goes to an unlinked file: readable here if startup fails, and the
         # forwarder can still write its exit summary after `lab.py up` has exited.
@@ -643,6 +740,8 @@ class Lab:
             return ruleset_fullcone(wan_address, self.host_address(peer))
         if profile == "symrand":
             return ruleset_symrand()
+        if profile == "dualstack":
+            return ruleset_dualstack()
         if profile == "symseq":
             return ruleset_symseq(wan_address, SYMSEQ_BASE_PORT, self.symseq_delta)
         if profile == "udpblock":
@@ -669,6 +768,10 @@ class Lab:
             "addresses": self.addresses,
             "public": {p: self.public_address(p) for p in PEERS},
             "relay": list(RELAY_ADDRESSES),
+            # Only dualstack peers (and then the WAN) have IPv6.
+            "addresses6": self.addresses6,
+            "public6": {p: self.public_address6(p) for p in PEERS if self.has_ipv6(p)},
+            "relay6": list(RELAY_ADDRESSES6) if self.addresses6 else [],
         }
 
     def _write_state(self) -> None:
@@ -732,7 +835,7 @@ class Lab:
 def _print_lab(state: Mapping[str, Any]) -> None:
     profiles = state["profiles"]
     print(f"lab {state['prefix']}: nat-a={profiles['a']} nat-b={profiles['b']}")
-    print(f"  relay/STUN (wan): {', '.join(state['relay'])}")
+    print(f"  relay/STUN (wan): {', '.join(state['relay'] + state.get('relay6', []))}")
     roles = state.get("roles")
     for role, ns in state["namespaces"].items():
         if roles is not None:
@@ -742,8 +845,10 @@ def _print_lab(state: Mapping[str, Any]) -> None:
             print(f"  {role:7} {ns:22} {addrs}{mark}")
         else:
             print(f"  {role:7} {ns:22} {' '.join(state['addresses'][role])}")
+    public6 = state.get("public6", {})
     for peer in PEERS:
-        print(f"  peer {peer} is seen on the WAN as {state['public'][peer]}")
+        also = f" and {public6[peer]} (IPv6, no NAT66)" if peer in public6 else ""
+        print(f"  peer {peer} is seen on the WAN as {state['public'][peer]}{also}")
     delays = state.get("delays_ms", {})
     relay_delays = state.get("relay_delays_ms", delays)
     for peer in PEERS:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 RELAY_IP = "203.0.113.1"
+RELAY_ALT_IP = "203.0.113.2"
 RELAY_PORT = 8443
 NETWORK = "chr-001"
 OVERLAY = {"a": "10.10.10.3/24", "b": "10.10.10.4/24"}
@@ -105,6 +106,10 @@ class Overlay:
             f"{NETWORK}:{members}",
             "--self-signed",
             str(self.cert.parent),
+            "--stun",
+            f"{RELAY_IP}:3478",
+            "--stun-alt",
+            f"{RELAY_ALT_IP}:3479",
             *(extra or []),
         ]
         self._start("relay", "wan", argv)

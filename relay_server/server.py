@@ -7,7 +7,8 @@ the relay forwards the session's frames between the two ends byte for byte,
 without being able to read them: the end-to-end handshake and every sealed
 payload belong to the peers (DESIGN.md, "Trust"). When both ends report READY
 the relay tells each the other's observed address (ESTABLISHED); when they go
-direct they RELEASE the session and the relay forgets it.
+direct each end RELEASEs its direction of the session, and once both have, the relay
+forgets it.
 
 The same port answers ``GET /metrics`` in the Prometheus text format.
 """
@@ -206,6 +207,11 @@ class _Session:
     ready_a: bool = False
     ready_b: bool = False
     established: bool = False
+    # RELEASE is per direction: an end that released sends nothing more through us on this
+    # session (it went direct). Its earlier frames were forwarded first (one TCP stream, in
+    # order), so releasing loses nothing; the session is forgotten once both ends released.
+    released_a: bool = False
+    released_b: bool = False
     bytes_a_to_b: int = 0
     frames_a_to_b: int = 0
     bytes_b_to_a: int = 0
@@ -217,6 +223,9 @@ class _Session:
 
     def other(self, client: _Client) -> _Client:
         return self.b if client is self.a else self.a
+
+    def released_by(self, client: _Client) -> bool:
+        return self.released_a if client is self.a else self.released_b
 
     def count(self, sender: _Client, size: int) -> None:
         if sender is self.a:
@@ -684,6 +693,9 @@ class RelayServer:
             # Normal in a race (the peer just left, the session was released): drop, never disconnect.
             self._drop(sender, kind, session_id, "unknown session")
             return
+        if session.released_by(sender):
+            self._drop(sender, kind, session_id, "released")
+            return
         if not await self._send(session.other(sender), data):
             self._drop(sender, kind, session_id, "peer gone")
             return
@@ -740,14 +752,21 @@ class RelayServer:
     def _release(self, client: _Client, session_id: bytes) -> None:
         session = client.sessions.get(session_id)
         if session is None:
-            # The other end usually releases too; the second RELEASE finds nothing, which is fine.
             log.debug(_kv("unknown_session", peer=client.name, type="RELEASE", session=session_id.hex()[:8]))
             return
-        self._forget(session)
-        self._counters.releases += 1
+        if session.released_by(client):
+            return
+        if client is session.a:
+            session.released_a = True
+        else:
+            session.released_b = True
+        both = session.released_a and session.released_b
+        if both:
+            self._forget(session)
+            self._counters.releases += 1
         log.info(
             _kv(
-                "released",
+                "released" if both else "half_released",
                 network=session.network,
                 session=session.label,
                 by=client.name,

@@ -135,3 +135,49 @@ WSQUIC_MAX_PENDING_DATAGRAMS = 64
 #: not drain, which the caller should treat as a dead path. Also the QUIC
 #: receive flow-control window of the stream.
 WSQUIC_MAX_PENDING_CONTROL_BYTES = 256 * 1024
+
+# --- Direct path: candidates and connectivity checks (traversal/candidates.py, ice.py) ---
+
+#: Most candidates one CANDIDATES offer carries (host + server-reflexive +
+#: predicted). aioice pairs every local socket with every remote candidate and
+#: starts one check every 20 ms, so 24 candidates cost about half a second of
+#: pacing on one socket: more would not fit the direct-connect deadline anyway.
+MAX_CANDIDATES = 24
+
+#: Longest candidate line (SDP "candidate" attribute value) an offer may carry.
+MAX_CANDIDATE_SDP = 256
+
+#: Most local addresses (hence sockets and host candidates) one ICE agent uses.
+MAX_HOST_CANDIDATES = 8
+
+#: Predicted server-reflexive ports advertised by default behind a NAT that
+#: allocates ports sequentially, and the most ever advertised. Each costs the
+#: peer one paced check; a few cover other flows that take ports meanwhile.
+DEFAULT_PREDICTED_CANDIDATES = 4
+MAX_PREDICTED_CANDIDATES = 8
+
+#: Candidates made from the relay-observed public address (ESTABLISHED's peer
+#: IP) and the peer's advertised ports, at most this many per offer.
+MAX_OBSERVED_CANDIDATES = 8
+
+#: How long gathering waits for the STUN server (all of its queries together).
+ICE_GATHER_TIMEOUT = 3.0
+
+#: First retransmission timeout of the gathering STUN queries (as the probe's:
+#: shorter than RFC 5389's 0.5 s, because an answer that never comes costs the
+#: whole direct-connect deadline).
+ICE_STUN_RTO = 0.25
+
+#: Datagrams kept for the caller between the first packet of the peer's QUIC
+#: connection and ``IceAgent.set_receiver`` (or our own nomination); older ones
+#: are dropped, as a full socket buffer would.
+ICE_MAX_EARLY_DATAGRAMS = 32
+
+#: Largest STUN message the ICE sockets accept (connectivity checks are ~100 bytes).
+ICE_MAX_STUN_SIZE = 1_500
+
+#: Extra early retransmissions of each connectivity check, in seconds after the
+#: first send, before aioice's own (RFC 5389: 0.5 s, then doubling). Hole punching
+#: loses the first check of each side by design (the peer's NAT has not opened
+#: yet); resending soon after cuts the time to nominate from ~0.5 s to ~0.1 s.
+ICE_CHECK_EARLY_RETRANSMITS = (0.1, 0.25)

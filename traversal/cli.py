@@ -290,6 +290,33 @@ def relay(
 @click.option("--psk", type=click.Path(dir_okay=False), help="Network pre-shared key file (traversal genpsk).")
 @click.option("--control", type=click.Path(), help="Control socket path [default: /run/traversal/TAP.sock].")
 @click.option("--insecure", is_flag=True, help="Allow a plain ws:// relay URL (testing only).")
+@click.option("--stun", metavar="HOST:PORT", help="STUN server for candidates [default: the relay's host, port 3478].")
+@click.option("--no-direct", "no_direct", is_flag=True, help="Stay on the relay: never try a direct path.")
+@click.option(
+    "--direct-timeout",
+    "direct_timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds an attempt at a direct path may take before staying on the relay.",
+)
+@click.option(
+    "--direct-retry",
+    "direct_retry",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds between attempts at a direct path while on the relay.",
+)
+@click.option(
+    "--relay-standby",
+    "relay_standby",
+    type=click.Choice(["close", "keep"]),
+    default="close",
+    show_default=True,
+    help="Once every peer is direct: close the relay connection, or keep it idle.",
+)
+@click.option("--udp-ports", "udp_ports", metavar="LOW-HIGH", help="Local UDP port range for direct paths.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def connect(
     relay_url: str | None,
@@ -302,6 +329,12 @@ def connect(
     psk: str | None,
     control: str | None,
     insecure: bool,
+    stun: str | None,
+    no_direct: bool,
+    direct_timeout: float,
+    direct_retry: float,
+    relay_standby: str,
+    udp_ports: str | None,
     verbose: bool,
 ) -> None:
     """Join a network through a relay and carry the TAP's Ethernet frames to its peers."""
@@ -338,6 +371,7 @@ def connect(
         ) from None
     if "/" not in address:
         raise UserError(f"--address needs a prefix length, e.g. {address}/24")
+    direct = _direct_settings(relay_url, stun, no_direct, direct_timeout, direct_retry, relay_standby, udp_ports)
     try:
         config = NodeConfig(
             relay_url=relay_url,
@@ -350,6 +384,7 @@ def connect(
             members=load_members(Path(members)) if members else None,
             psk=load_psk(Path(psk)) if psk else None,
             insecure=insecure,
+            direct=direct,
         )
     except IdentityError as exc:
         raise UserError(str(exc)) from None
@@ -372,6 +407,44 @@ def connect(
         if isinstance(exc, (TapError, _ControlError)):
             raise UserError(str(exc)) from None
         raise
+
+
+def _direct_settings(
+    relay_url: str,
+    stun: str | None,
+    no_direct: bool,
+    timeout: float,
+    retry: float,
+    standby: str,
+    udp_ports: str | None,
+) -> Any:
+    from urllib.parse import urlsplit
+
+    from traversal.direct import DirectSettings
+
+    if not 0.5 <= timeout <= 120:
+        raise UserError("--direct-timeout must be between 0.5 and 120 seconds")
+    if not 1 <= retry <= 86400:
+        raise UserError("--direct-retry must be between 1 and 86400 seconds")
+    if stun:
+        stun_server = _split_hostport(stun, "--stun")
+    else:
+        host = urlsplit(relay_url).hostname or ""
+        stun_server = (host, 3478)
+    port_range = None
+    if udp_ports:
+        low, sep, high = udp_ports.partition("-")
+        if not sep or not low.isdigit() or not high.isdigit() or not 1024 <= int(low) <= int(high) <= 65535:
+            raise UserError(f"--udp-ports must be LOW-HIGH within 1024-65535, e.g. 40000-40100, got {udp_ports!r}")
+        port_range = (int(low), int(high))
+    return DirectSettings(
+        enabled=not no_direct,
+        timeout=timeout,
+        retry=retry,
+        stun_server=stun_server,
+        port_range=port_range,
+        standby=standby,
+    )
 
 
 # --- status --------------------------------------------------------------------

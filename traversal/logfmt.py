@@ -53,5 +53,5 @@ def setup_logging(verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Library chatter (websockets per-frame debug, aioice) only when asked for.
-    for noisy in ("websockets", "aioice", "aioquic", "asyncio"):
+    for noisy in ("websockets", "aioice", "aioquic", "quic", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)

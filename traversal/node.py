@@ -1,24 +1,30 @@
-"""One peer of a network: the asyncio driver around relay login, peer links and the TAP.
+"""One peer of a network: the asyncio driver around relay login, peer links, direct paths and the TAP.
 
 The node owns every piece of I/O (the relay WebSocket, the TAP file
 descriptor, the control socket, the clock); the protocol logic lives in the
-sans-I/O :class:`~traversal.peer.PeerLink`. Lifecycle:
+sans-I/O :class:`~traversal.peer.PeerLink`, and each link's direct path in its
+:class:`~traversal.direct.DirectPathManager`. Lifecycle:
 
 1. bring the TAP up (fail fast if we cannot), serve the control socket;
 2. log in to the relay; for each PEER_JOINED make a PeerLink and handshake;
-3. forward TAP frames to established links and received frames to the TAP;
-4. if the relay goes away, drop the links, reconnect with backoff, and
-   handshake again (the TAP stays up); a refusal (not a member...) is fatal;
-5. on stop: BYE to every peer, close the relay connection, remove the TAP.
+3. after ESTABLISHED, try for a direct path; forward TAP frames on each
+   link's current path (relay or direct) and received frames to the TAP;
+4. once a link is direct, RELEASE our direction of its relay session; once
+   every link is direct both ways, close the relay connection (the seed's
+   criterion) unless ``--relay-standby keep``;
+5. if the relay goes away, keep direct links, drop the others, reconnect
+   with backoff; a refusal (not a member...) is fatal;
+6. on stop: BYE to every peer, close the relay connection, remove the TAP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +39,11 @@ from transport.constants import (
     RECONNECT_INITIAL_DELAY,
     RECONNECT_MAX_DELAY,
 )
+from transport.frames import MsgType
 from transport.identity import encode_public, public_bytes, short_id
+from transport.paths import Route
 from traversal.control import ControlServer
+from traversal.direct import DirectPathManager, DirectSettings
 from traversal.logfmt import log_event
 from traversal.peer import LinkState, PeerLink
 from traversal.relay_client import RelayLink, RelayRefused, RelayUnavailable, client_ssl_context, connect_relay
@@ -43,6 +52,9 @@ log = logging.getLogger("traversal.node")
 
 #: Frames queued towards the relay before we drop (like a NIC's tx ring).
 SEND_QUEUE_FRAMES = 2048
+
+#: Frame types that belong to the relay connection whatever path a link uses.
+_RELAY_ONLY = frozenset({MsgType.READY, MsgType.RELEASE, MsgType.HANDSHAKE})
 
 
 class NodeError(Exception):
@@ -61,6 +73,7 @@ class NodeConfig:
     members: frozenset[bytes] | None = None
     psk: bytes | None = None
     insecure: bool = False
+    direct: DirectSettings = field(default_factory=DirectSettings)
 
     @property
     def trust(self) -> str:
@@ -78,6 +91,8 @@ class Node:
         self.config = config
         self.identity_raw = public_bytes(config.identity)
         self.links: dict[bytes, PeerLink] = {}
+        self.direct: dict[bytes, DirectPathManager] = {}  # by relay session id, like links
+        self.released: set[bytes] = set()  # sessions whose relay direction we released
         self.tap: TapDevice | None = None
         self.relay: RelayLink | None = None
         self.relay_state = "connecting"
@@ -85,11 +100,16 @@ class Node:
         self.relay_connects = 0
         self.started_wall = time.time()
         self.tap_dropped = 0
+        self.direct_dropped = 0
         self._loop = asyncio.get_running_loop()
         self._send_queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE_FRAMES)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._unpark = asyncio.Event()  # set when the relay is needed again after we let it go
+        self._parked = False
         self._control = ControlServer(config.control_path, self.status)
+        overlay_ip = str(ipaddress.ip_interface(config.address).ip)
+        config.direct.exclude_addresses = config.direct.exclude_addresses | {overlay_ip}
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -111,6 +131,7 @@ class Node:
                 network=cfg.network,
                 relay=cfg.relay_url,
                 trust=cfg.trust,
+                direct="on" if cfg.direct.enabled else "off",
                 control=str(cfg.control_path),
             )
             if cfg.trust == "relay-membership":
@@ -143,20 +164,29 @@ class Node:
             await self._shutdown()
 
     async def _say_bye(self) -> None:
-        """Send every peer a sealed BYE, so it knows at once that we left (not after a timeout)."""
-        relay = self.relay
-        if relay is None or not self.links:
+        """Send every peer a sealed BYE on its current path, so it knows at once that we left."""
+        if not self.links:
             return
         now = self._loop.time()
+        relay = self.relay
         for link in list(self.links.values()):
-            for data in link.close("peer shutting down", now):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(relay.send(data), 1.0)
+            manager = self.direct.get(link.session_id)
+            bye = link.close("peer shutting down", now)
+            if manager is not None and manager.carriage is not None:
+                manager.send_direct(bye)
+            elif relay is not None:
+                for data in bye:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(relay.send(data), 1.0)
         log_event(log, "bye_sent", peers=",".join(link.peer_name for link in self.links.values()))
         self.links.clear()
 
     async def _shutdown(self) -> None:
         # The relay task closed its connection when it was cancelled.
+        for manager in list(self.direct.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(manager.close(), 2.0)
+        self.direct.clear()
         self.links.clear()
         await self._control.close()
         if self.tap is not None:
@@ -170,10 +200,20 @@ class Node:
         delay = RECONNECT_INITIAL_DELAY
         cfg = self.config
         while True:
+            if self._parked:
+                self.relay_state = "released"
+                await self._unpark.wait()
+                self._unpark.clear()
+                self._parked = False
+                log_event(log, "relay_reconnect", reason=self.relay_error or "a peer needs the relay again")
             self.relay_state = "connecting"
             try:
                 relay = await connect_relay(
-                    cfg.relay_url, ssl_context=ssl_context, network=cfg.network, identity=cfg.identity
+                    cfg.relay_url,
+                    ssl_context=ssl_context,
+                    network=cfg.network,
+                    identity=cfg.identity,
+                    supports_direct=cfg.direct.enabled,
                 )
             except RelayRefused as exc:
                 self.relay_state = "refused"
@@ -203,23 +243,38 @@ class Node:
                 reason = await self._serve_relay(relay)
             finally:
                 self.relay = None
-                self._drop_links()
+                self._drop_relayed_links()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(relay.close(), 2.0)
             if reason is not None:
                 self.relay_state = "refused"
                 raise NodeError(reason)
+            if self._parked:
+                continue
             self.relay_state = "retrying"
             log_event(log, "relay_lost", logging.WARNING, reason=self.relay_error, retry_in=delay)
             await asyncio.sleep(delay)
 
-    def _drop_links(self) -> None:
-        for link in self.links.values():
-            log_event(log, "peer_unreachable", peer=link.peer_name, session=link.sid, reason="relay connection lost")
-        self.links.clear()
+    def _drop_relayed_links(self) -> None:
+        """The relay connection ended: links that depend on it go, direct ones stay."""
+        for session_id, link in list(self.links.items()):
+            if link.paths.route is Route.DIRECT and link.state is LinkState.ESTABLISHED:
+                continue
+            if not self._parked:
+                log_event(
+                    log, "peer_unreachable", peer=link.peer_name, session=link.sid, reason="relay connection lost"
+                )
+            self._forget_link(session_id)
         # Anything queued belonged to the lost connection's sessions.
         while not self._send_queue.empty():
             self._send_queue.get_nowait()
+
+    def _forget_link(self, session_id: bytes) -> None:
+        self.links.pop(session_id, None)
+        self.released.discard(session_id)
+        manager = self.direct.pop(session_id, None)
+        if manager is not None:
+            self._loop.create_task(manager.close())
 
     async def _serve_relay(self, relay: RelayLink) -> str | None:
         """Pump frames until the relay connection ends; returns a fatal reason or None."""
@@ -235,7 +290,7 @@ class Node:
         except websockets.ConnectionClosed as exc:
             self.relay_error = f"connection closed ({exc})"
         else:
-            self.relay_error = "relay closed the connection"
+            self.relay_error = "relay closed the connection" if not self._parked else None
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
@@ -247,12 +302,27 @@ class Node:
             data = await self._send_queue.get()
             await relay.send(data)
 
-    def _send(self, data: list[bytes]) -> None:
+    def _send_relay(self, data: list[bytes]) -> None:
         for item in data:
             try:
                 self._send_queue.put_nowait(item)
             except asyncio.QueueFull:
                 self.tap_dropped += 1
+
+    def _send_link(self, link: PeerLink, data: list[bytes]) -> None:
+        """Send a link's wire frames on its current path (relay control always to the relay)."""
+        if not data:
+            return
+        manager = self.direct.get(link.session_id)
+        if manager is None or link.paths.route is not Route.DIRECT:
+            self._send_relay(data)
+            return
+        direct = [d for d in data if d[1] not in _RELAY_ONLY]
+        relayed = [d for d in data if d[1] in _RELAY_ONLY]
+        if direct:
+            self.direct_dropped += manager.send_direct(direct)
+        if relayed:
+            self._send_relay(relayed)
 
     def _on_relay_frame(self, message: bytes) -> str | None:
         now = self._loop.time()
@@ -264,36 +334,19 @@ class Node:
             return None
         if isinstance(frame, frames.SessionFrame):
             link = self.links.get(frame.session_id)
-            if link is None:
-                return None
-            try:
-                out, delivered = link.on_frame(frame, now)
-            except Exception:
-                # Last line of defence (nothing here is expected to raise): a frame
-                # we failed to handle costs that peer's session, never the node.
-                log.exception("event=session_closed peer=%s session=%s reason=internal-error", link.peer_name, link.sid)
-                self.links.pop(frame.session_id, None)
-                return None
-            self._send(out)
-            if delivered and self.tap is not None:
-                for eth in delivered:
-                    self.tap.write(eth)
-            if link.state is LinkState.CLOSED:
-                self.links.pop(frame.session_id, None)
-            self._wake.set()
+            if link is not None:
+                self._on_session_frame(link, frame, now)
         elif isinstance(frame, frames.PeerJoined):
             self._on_peer_joined(frame, now)
         elif isinstance(frame, frames.Established):
-            link = self.links.get(frame.session_id)
-            if link is not None:
-                link.on_established(frame, now)
-                if link.established is frame and self.tap is not None and frame.mtu != self.tap.mtu:
-                    self.tap.set_mtu(frame.mtu)
-                self._wake.set()
+            self._on_established(frame, now)
         elif isinstance(frame, frames.PeerLeft):
-            link = self.links.pop(frame.session_id, None)
-            if link is not None:
+            link = self.links.get(frame.session_id)
+            if link is not None and link.paths.route is Route.DIRECT:
+                log_event(log, "relay_session_ended", peer=link.peer_name, session=link.sid, path="direct")
+            elif link is not None:
                 log_event(log, "peer_left", peer=link.peer_name, session=link.sid, reason=frame.reason)
+                self._forget_link(frame.session_id)
         elif isinstance(frame, frames.Error):
             log_event(log, "relay_error", logging.ERROR, code=frame.code, reason=frame.reason)
             if frame.code in frames.FATAL_ERRORS:
@@ -302,6 +355,37 @@ class Node:
         else:
             log_event(log, "relay_frame_unexpected", logging.WARNING, type=type(frame).__name__)
         return None
+
+    def _on_session_frame(self, link: PeerLink, frame: frames.SessionFrame, now: float) -> None:
+        """A session frame from either path: the session's replay window makes the path irrelevant."""
+        try:
+            out, delivered = link.on_frame(frame, now)
+        except Exception:
+            # Last line of defence (nothing here is expected to raise): a frame
+            # we failed to handle costs that peer's session, never the node.
+            log.exception("event=session_closed peer=%s session=%s reason=internal-error", link.peer_name, link.sid)
+            self._forget_link(link.session_id)
+            return
+        self._send_link(link, out)
+        if delivered and self.tap is not None:
+            for eth in delivered:
+                self.tap.write(eth)
+        if link.state is LinkState.CLOSED:
+            self._forget_link(link.session_id)
+        self._wake.set()
+
+    def _on_direct_frame(self, link: PeerLink, wire: bytes) -> None:
+        """A frame that arrived on the link's direct carriage."""
+        try:
+            frame = frames.decode(wire)
+        except frames.FrameError as exc:
+            log_event(log, "direct_frame_dropped", logging.WARNING, peer=link.peer_name, reason=str(exc))
+            return
+        if not isinstance(frame, frames.SessionFrame) or frame.session_id != link.session_id:
+            log_event(log, "direct_frame_dropped", logging.WARNING, peer=link.peer_name, reason="not this session")
+            return
+        if self.links.get(link.session_id) is link:
+            self._on_session_frame(link, frame, self._loop.time())
 
     def _on_peer_joined(self, frame: frames.PeerJoined, now: float) -> None:
         cfg = self.config
@@ -329,8 +413,93 @@ class Node:
         log_event(
             log, "peer_joined", peer=peer_name, session=link.sid, role="initiator" if link.initiator else "responder"
         )
-        self._send(link.start(now))
+        self._send_relay(link.start(now))
         self._wake.set()
+
+    def _on_established(self, frame: frames.Established, now: float) -> None:
+        link = self.links.get(frame.session_id)
+        if link is None:
+            return
+        link.on_established(frame, now)
+        if link.established is frame and self.tap is not None and frame.mtu != self.tap.mtu:
+            self.tap.set_mtu(frame.mtu)
+        if link.state is LinkState.ESTABLISHED:
+            self._supersede(link)
+            self._start_direct(link, frame)
+        self._wake.set()
+
+    def _supersede(self, link: PeerLink) -> None:
+        """A new session with a peer replaces any older link to the same identity."""
+        for session_id, other in list(self.links.items()):
+            if other is not link and other.peer == link.peer:
+                log_event(log, "link_superseded", peer=other.peer_name, old=other.sid, new=link.sid)
+                self._forget_link(session_id)
+
+    # --- direct paths ----------------------------------------------------------------
+
+    def _start_direct(self, link: PeerLink, est: frames.Established) -> None:
+        settings = self.config.direct
+        if link.session_id in self.direct:
+            return
+        if not settings.enabled or not est.peer_supports_direct:
+            reason = "--no-direct here" if not settings.enabled else "the peer does not accept direct connections"
+            log_event(log, "direct_skipped", peer=link.peer_name, session=link.sid, reason=reason)
+            return
+        manager = DirectPathManager(
+            link,
+            settings,
+            send_relay=self._send_relay,
+            deliver=self._on_direct_frame,
+            on_change=self._on_path_change,
+            observed_peer_ip=est.peer_public_ip,
+        )
+        self.direct[link.session_id] = manager
+
+        def on_record(kind: MsgType, plaintext: bytes) -> None:
+            if kind == MsgType.CANDIDATES:
+                manager.on_candidates(plaintext)
+            elif kind == MsgType.PATH:
+                manager.on_path(plaintext)
+
+        link.on_record = on_record
+        manager.start()
+
+    def _on_path_change(self, link: PeerLink) -> None:
+        """A link's path changed: release our relay direction, maybe let the relay go, or get it back."""
+        session_id = link.session_id
+        if link.paths.route is Route.DIRECT:
+            if session_id not in self.released and self.relay is not None:
+                self.released.add(session_id)
+                self._send_relay([frames.encode(frames.Release(session_id))])
+                log_event(log, "relay_released", peer=link.peer_name, session=link.sid)
+            self._maybe_park_relay()
+            return
+        # Back on the relay: this session's relay direction was given up, so it is
+        # rebuilt from scratch through a fresh relay connection (same identity, new session).
+        if session_id in self.released or self.relay is None:
+            manager = self.direct.get(session_id)
+            reason = manager.last_error if manager is not None else None
+            log_event(log, "relay_needed", peer=link.peer_name, session=link.sid, reason=reason)
+            self._forget_link(session_id)
+            self._need_relay()
+
+    def _maybe_park_relay(self) -> None:
+        """The seed: once the peers are direct, the relay connection is closed (unless kept as standby)."""
+        if self.config.direct.standby != "close" or self.relay is None or self._parked:
+            return
+        if not self.links or not all(link.paths.both_direct for link in self.links.values()):
+            return
+        self._parked = True
+        log_event(log, "relay_closed", reason="every peer is direct", peers=len(self.links))
+        relay = self.relay
+        self._loop.create_task(relay.close())
+
+    def _need_relay(self) -> None:
+        if self._parked:
+            self._unpark.set()
+        elif self.relay is not None:
+            # Our released sessions cannot be reopened on this connection: start a fresh one.
+            self._loop.create_task(self.relay.close())
 
     # --- TAP -----------------------------------------------------------------------
 
@@ -340,11 +509,11 @@ class Node:
         if not links:
             self.tap_dropped += len(batch)
             return
-        out: list[bytes] = []
-        for eth in batch:
-            for link in links:
+        for link in links:
+            out: list[bytes] = []
+            for eth in batch:
                 out += link.send_frame(eth, now)
-        self._send(out)
+            self._send_link(link, out)
 
     # --- timers --------------------------------------------------------------------
 
@@ -360,9 +529,9 @@ class Node:
             for session_id, link in list(self.links.items()):
                 deadline = link.next_deadline()
                 if deadline is not None and deadline <= now:
-                    self._send(link.handle_timer(now))
+                    self._send_link(link, link.handle_timer(now))
                     if link.state is LinkState.CLOSED:
-                        self.links.pop(session_id, None)
+                        self._forget_link(session_id)
 
     # --- status --------------------------------------------------------------------
 
@@ -370,6 +539,13 @@ class Node:
         now = self._loop.time()
         cfg = self.config
         relay = self.relay
+        peers = []
+        for link in self.links.values():
+            entry = link.status(now)
+            manager = self.direct.get(link.session_id)
+            entry["direct"] = manager.status() if manager is not None else None
+            entry["relay_released"] = link.session_id in self.released
+            peers.append(entry)
         return {
             "version": 1,
             "identity": encode_public(self.identity_raw),
@@ -381,6 +557,7 @@ class Node:
                 "observed": f"{relay.observed_ip}:{relay.observed_port}" if relay else None,
                 "connects": self.relay_connects,
                 "last_error": self.relay_error,
+                "standby": cfg.direct.standby,
             },
             "tap": {
                 "name": self.tap.name if self.tap else cfg.tap_name,
@@ -388,6 +565,13 @@ class Node:
                 "mtu": self.tap.mtu if self.tap else None,
                 "dropped": self.tap_dropped,
             },
+            "direct": {
+                "enabled": cfg.direct.enabled,
+                "timeout_s": cfg.direct.timeout,
+                "retry_s": cfg.direct.retry,
+                "stun": f"{cfg.direct.stun_server[0]}:{cfg.direct.stun_server[1]}" if cfg.direct.stun_server else None,
+                "dropped": self.direct_dropped,
+            },
             "uptime_s": round(time.time() - self.started_wall, 1),
-            "peers": [link.status(now) for link in self.links.values()],
+            "peers": peers,
         }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -26,6 +27,7 @@ from transport.constants import DEFAULT_MTU, HANDSHAKE_TIMEOUT, MAX_MTU, MIN_MTU
 from transport.frames import MsgType
 from transport.handshake import MSG1_SIZE, Handshake, HandshakeError, HandshakeState, is_initiator
 from transport.identity import encode_public, public_bytes, short_id
+from transport.paths import PathSwitch
 from transport.session import (
     CounterExhaustedError,
     FrameReceived,
@@ -34,6 +36,7 @@ from transport.session import (
     PeerClosed,
     PeerDead,
     RecordDropped,
+    RecordReceived,
     Session,
     SessionClosedError,
     SessionError,
@@ -117,6 +120,9 @@ class PeerLink:
         self._handshake: Handshake | None = None
         self._handshake_deadline: float | None = None
         self._restart_pending = False
+        self.paths = PathSwitch()
+        #: Called with CANDIDATES and PATH records (the direct-path manager's business).
+        self.on_record: Callable[[MsgType, bytes], None] | None = None
         self._retired_tx = 0
         self._retired_rx = 0
 
@@ -280,6 +286,17 @@ class PeerLink:
         data = frames.encode_session_frame(MsgType.DATA, self.session_id, payload)
         return [*self._drain(), data] if self.session.has_output else [data]
 
+    def seal_record(self, kind: MsgType, plaintext: bytes, now: float) -> bytes | None:
+        """Seal a CANDIDATES or PATH record as a wire frame; None if there is no session."""
+        if self.session is None:
+            return None
+        try:
+            payload = self.session.seal(kind, plaintext, now)
+        except SessionError as exc:
+            log_event(log, "seal_failed", logging.WARNING, peer=self.peer_name, session=self.sid, reason=str(exc))
+            return None
+        return frames.encode_session_frame(kind, self.session_id, payload)
+
     def on_frame(self, frame: frames.SessionFrame, now: float) -> tuple[list[bytes], list[bytes]]:
         """Handle a forwarded frame; returns (wire frames to send, Ethernet frames for the TAP)."""
         if frame.type == MsgType.HANDSHAKE:
@@ -324,6 +341,9 @@ class PeerLink:
                 self.last_error = f"peer silent for {event.silent_for:.1f}s"
                 self._set_session(None)
                 self._restart_pending = True
+            elif isinstance(event, RecordReceived):
+                if self.on_record is not None:
+                    self.on_record(event.kind, event.plaintext)
             elif isinstance(event, RecordDropped):
                 self.counters.extra[event.reason] = self.counters.extra.get(event.reason, 0) + 1
                 log_event(
@@ -381,7 +401,8 @@ class PeerLink:
             "identity": encode_public(self.peer),
             "name": self.peer_name,
             "state": self.state.value,
-            "path": "relay" if self.state is LinkState.ESTABLISHED else None,
+            "path": self.paths.route.value if self.state is LinkState.ESTABLISHED else None,
+            "peer_path": self.paths.peer_route.value if self.state is LinkState.ESTABLISHED else None,
             "endpoint": self.endpoint,
             "session_id": self.session_id.hex(),
             "e2e_session": self.session_tag or None,

@@ -1,4 +1,4 @@
-"""The relay path end to end, with real parts: a relay in the lab's WAN namespace, two peers
+"""The relay path end to end (direct paths disabled), with real parts: a relay in the lab's WAN namespace, two peers
 behind nftables cone NATs, real TAP devices, real WebSocket/TLS, the real PQ handshake.
 
 The tests share one lab (building it and starting three processes is the slow part) and
@@ -51,8 +51,9 @@ def overlay(lab_module: ModuleType, lab_prerequisites: None, tmp_path_factory: p
             run.keygen(name)
         members = run.write_members(["a", "b"])
         run.start_relay(members)
-        run.start_peer("a", "a")
-        run.start_peer("b", "b", extra=["--members", str(members)])
+        # --no-direct keeps these peers on the relay path, which is what this file tests.
+        run.start_peer("a", "a", extra=["--no-direct"])
+        run.start_peer("b", "b", extra=["--no-direct", "--members", str(members)])
         yield run
     finally:
         try:

@@ -418,6 +418,40 @@ def test_release_drops_later_frames_and_foreign_sessions_are_dropped(tmp_path: P
     run(main())
 
 
+async def wait_for_metric(h: Any, name: str, value: float, timeout: float = 5.0) -> None:
+    """Poll the relay's own counters until ``name`` reaches ``value`` (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while metric(h.relay.metrics_text(), name) != value:
+        assert asyncio.get_running_loop().time() < deadline, f"{name} never reached {value}"
+        await asyncio.sleep(0.01)
+
+
+def test_release_is_per_direction(tmp_path: Path) -> None:
+    """An end that RELEASEs stops sending through the relay; the other direction keeps flowing until it releases."""
+    a_key, b_key = keys(2)
+
+    async def main() -> None:
+        async with relay_running(tmp_path, {NET: members(a_key, b_key)}) as h:
+            a, b, ab = await h.pair(a_key, b_key)
+            await a.send(Release(ab))
+            await a.send(encode_session_frame(MsgType.DATA, ab, b"after a released"))  # dropped
+            from_b = encode_session_frame(MsgType.DATA, ab, b"b has not released")
+            await b.send(from_b)
+            assert await a.recv_raw() == from_b  # still forwarded: b's direction is open
+            stats = h.relay.session_stats(ab)
+            assert stats is not None and stats.bytes_a_to_b == 0
+            assert metric(h.relay.metrics_text(), "traversal_relay_releases_total") == 0
+            await b.send(Release(ab))
+            await b.send(encode_session_frame(MsgType.DATA, ab, b"late"))  # dropped: forgotten
+            barrier = encode_session_frame(MsgType.DATA, bytes(16), b"unknown")
+            await b.send(barrier)
+            await wait_for_metric(h, "traversal_relay_dropped_frames_total", 3)
+            assert h.relay.session_stats(ab) is None
+            assert metric(h.relay.metrics_text(), "traversal_relay_releases_total") == 1
+
+    run(main())
+
+
 def test_disconnect_sends_peer_left(tmp_path: Path) -> None:
     a_key, b_key = keys(2)
 

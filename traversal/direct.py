@@ -1,0 +1,428 @@
+"""DirectPathManager: from the relay path to a direct QUIC path for one peer (the seed's Story 2).
+
+After ESTABLISHED, both peers gather ICE candidates (host, server-reflexive,
+predicted), exchange them end-to-end encrypted through the relay (CANDIDATES
+records), let aioice find a working pair, run a QUIC connection over it
+(``transport/wsquic.py``, certificate pinned through the CANDIDATES exchange)
+and validate the path with a PROBE / PROBE_ACK in both directions
+(``transport/paths.py``). Only then does traffic move. If nothing works within
+the deadline the session stays on the relay and the attempt is retried later
+with fresh candidates.
+
+Roles are fixed by identity order (the handshake initiator): the controlling
+side drives attempts (it starts them and retries them) and is the QUIC client;
+the controlled side answers each attempt it hears about and is the QUIC
+server, so its offer carries the certificate fingerprint the client pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transport.certs import make_session_certificate
+from transport.frames import MsgType
+from transport.paths import PathError, PathValidated, PeerFellBack, PeerSwitched
+from transport.wsquic import (
+    Connected,
+    ConnectionClosed,
+    ControlBacklogFullError,
+    ControlFrameReceived,
+    DatagramFrameReceived,
+    WsQuicConnection,
+    WsQuicError,
+)
+from traversal.candidates import CandidateError, CandidateOffer, decode_offer, encode_offer, observed_candidates
+from traversal.ice import IceAgent, IceFailed, NominatedPair
+from traversal.logfmt import log_event
+from traversal.peer import PeerLink
+
+log = logging.getLogger("traversal.direct")
+
+
+@dataclass
+class DirectSettings:
+    """The user's direct-path options (``traversal connect`` flags)."""
+
+    enabled: bool = True
+    timeout: float = 5.0
+    retry: float = 60.0
+    stun_server: tuple[str, int] | None = None
+    port_range: tuple[int, int] | None = None
+    exclude_addresses: frozenset[str] = field(default_factory=frozenset)
+    standby: str = "close"  # what to do with the relay connection once every peer is direct
+
+
+class DirectCarriage:
+    """A nominated ICE pair carrying one QUIC connection: pumps datagrams and QUIC timers."""
+
+    def __init__(
+        self,
+        agent: IceAgent,
+        quic: WsQuicConnection,
+        *,
+        on_frame: Callable[[bytes], None],
+        on_connected: Callable[[], None],
+        on_closed: Callable[[str], None],
+    ) -> None:
+        self._agent = agent
+        self.quic = quic
+        self._loop = asyncio.get_running_loop()
+        self._on_frame = on_frame
+        self._on_connected = on_connected
+        self._on_closed = on_closed
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        self._agent.set_receiver(self._on_udp)
+        if self.quic.is_client:
+            self.quic.connect(self._loop.time())
+        self._flush()
+
+    def _on_udp(self, data: bytes) -> None:
+        self.quic.receive_datagram(data, self._loop.time())
+        self._process()
+        self._flush()
+
+    def _process(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            if isinstance(event, (ControlFrameReceived, DatagramFrameReceived)):
+                self._on_frame(event.frame)
+            elif isinstance(event, Connected):
+                self._on_connected()
+            elif isinstance(event, ConnectionClosed) and not self.closed:
+                self.closed = True
+                self._on_closed(event.reason)
+
+    def _flush(self) -> None:
+        for datagram in self.quic.datagrams_to_send(self._loop.time()):
+            self._agent.send(datagram)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.quic.get_timer()
+        if deadline is not None and not self.closed:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.quic.handle_timer(self._loop.time())
+        self._process()
+        self._flush()
+
+    def send(self, wire: list[bytes]) -> int:
+        """Send wire frames (DATA as QUIC datagrams, the rest on the control stream); returns drops."""
+        dropped = 0
+        for data in wire:
+            try:
+                if data[1] == MsgType.DATA:
+                    dropped += not self.quic.send_datagram(data)
+                else:
+                    self.quic.send_control(data)
+            except (ControlBacklogFullError, WsQuicError):
+                dropped += 1
+        self._flush()
+        return dropped
+
+    async def close(self, reason: str) -> None:
+        if not self.quic.closed:
+            self.quic.close(reason)
+            self._flush()
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        await self._agent.close()
+
+
+class DirectPathManager:
+    """Gets and keeps a direct path for one PeerLink; the node owns the I/O it asks for."""
+
+    def __init__(
+        self,
+        link: PeerLink,
+        settings: DirectSettings,
+        *,
+        send_relay: Callable[[list[bytes]], None],
+        deliver: Callable[[PeerLink, bytes], None],
+        on_change: Callable[[PeerLink], None],
+        observed_peer_ip: str | None,
+    ) -> None:
+        self.link = link
+        self.settings = settings
+        self._send_relay = send_relay
+        self._deliver = deliver
+        self._on_change = on_change
+        self._observed_ip = observed_peer_ip
+        self._loop = asyncio.get_running_loop()
+        self.controlling = link.initiator
+        self.state = "idle"
+        self.attempt = 0
+        self.attempts_made = 0
+        self.last_error: str | None = None
+        self.nominated: NominatedPair | None = None
+        self.time_to_direct: float | None = None
+        self.carriage: DirectCarriage | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._offers: dict[int, asyncio.Future[CandidateOffer]] = {}
+        self._connected: asyncio.Future[None] | None = None
+        self._validated: asyncio.Future[float] | None = None
+        self._established_at = self._loop.time()
+        self.next_retry_at: float | None = None
+
+    # --- entry points ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Called once the relay said ESTABLISHED."""
+        self._established_at = self._loop.time()
+        if self.controlling:
+            self._begin(self.attempt + 1)
+        else:
+            self.state = "waiting-offer"
+
+    def on_candidates(self, plaintext: bytes) -> None:
+        try:
+            offer = decode_offer(plaintext)
+        except CandidateError as exc:
+            log_event(log, "candidates_rejected", logging.WARNING, peer=self.link.peer_name, reason=str(exc))
+            return
+        if not self.controlling and offer.attempt > self.attempt:
+            self._begin(offer.attempt)  # the controlling side started a new attempt: follow it
+        future = self._offers.get(offer.attempt)
+        if future is not None and not future.done():
+            future.set_result(offer)
+
+    def on_path(self, plaintext: bytes) -> None:
+        now = self._loop.time()
+        try:
+            replies, events = self.link.paths.on_message(plaintext, now)
+        except PathError as exc:
+            log_event(log, "path_message_dropped", logging.WARNING, peer=self.link.peer_name, reason=str(exc))
+            return
+        if replies:
+            self._send_direct_path(replies, now)
+        for event in events:
+            if isinstance(event, PathValidated):
+                if self._validated is not None and not self._validated.done():
+                    self._validated.set_result(event.rtt)
+            elif isinstance(event, PeerSwitched):
+                log_event(log, "peer_switched", peer=self.link.peer_name, session=self.link.sid, path="direct")
+                self._on_change(self.link)
+            elif isinstance(event, PeerFellBack):
+                log_event(log, "peer_fell_back", peer=self.link.peer_name, session=self.link.sid)
+                self._on_change(self.link)
+
+    def send_direct(self, wire: list[bytes]) -> int:
+        """Send wire frames on the direct carriage; returns how many were dropped."""
+        if self.carriage is None or self.carriage.closed:
+            return len(wire)
+        return self.carriage.send(wire)
+
+    async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._drop_carriage("closing")
+
+    # --- attempts ----------------------------------------------------------------------
+
+    def _begin(self, attempt: int) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self.next_retry_at = None
+        self.attempt = attempt
+        self._offers = {attempt: self._loop.create_future()}
+        self._task = self._loop.create_task(self._run_attempt(attempt))
+
+    async def _run_attempt(self, attempt: int) -> None:
+        link = self.link
+        self.attempts_made += 1
+        started = self._loop.time()
+        deadline = started + self.settings.timeout
+        agent: IceAgent | None = None
+        log_event(log, "direct_attempt", peer=link.peer_name, session=link.sid, attempt=attempt)
+        try:
+            self.state = "gathering"
+            agent = IceAgent(
+                controlling=self.controlling,
+                stun_server=self.settings.stun_server,
+                port_range=self.settings.port_range,
+                exclude_addresses=self.settings.exclude_addresses,
+            )
+            local = await agent.gather()
+            certificate = None if self.controlling else make_session_certificate()
+            offer = CandidateOffer(
+                attempt=attempt,
+                ufrag=agent.local_ufrag,
+                pwd=agent.local_pwd,
+                candidates=tuple(local),
+                fingerprint=certificate.fingerprint if certificate else None,
+            )
+            self._send_record(MsgType.CANDIDATES, encode_offer(offer))
+            log_event(log, "candidates_sent", peer=link.peer_name, attempt=attempt, count=len(local))
+            self.state = "exchanging"
+            remote = await asyncio.wait_for(self._offers[attempt], self._left(deadline, "the peer's candidates"))
+            self.state = "checking"
+            extra = self._observed(remote)
+            pair = await agent.connect(
+                remote, timeout=self._left(deadline, "a working candidate pair"), extra_remote=extra
+            )
+            self.nominated = pair
+            log_event(log, "ice_nominated", peer=link.peer_name, attempt=attempt, pair=str(pair))
+            self.state = "connecting"
+            if self.controlling and remote.fingerprint is None:
+                raise IceFailed("the peer's offer carries no QUIC certificate fingerprint")
+            quic = WsQuicConnection(
+                is_client=self.controlling,
+                certificate=certificate,
+                expected_fingerprint=remote.fingerprint if self.controlling else None,
+                now=self._loop.time(),
+            )
+            self._connected = self._loop.create_future()
+            self._validated = self._loop.create_future()
+            carriage = DirectCarriage(
+                agent,
+                quic,
+                on_frame=lambda wire: self._deliver(link, wire),
+                on_connected=self._carriage_connected,
+                on_closed=lambda reason: self._carriage_closed(carriage, reason),
+            )
+            self.carriage = carriage
+            agent = None  # the carriage owns it now
+            carriage.start()
+            await asyncio.wait_for(asyncio.shield(self._connected), self._left(deadline, "the QUIC handshake"))
+            self.state = "validating"
+            self._send_direct_path(link.paths.direct_up(self._loop.time()), self._loop.time())
+            rtt = await asyncio.wait_for(asyncio.shield(self._validated), self._left(deadline, "path validation"))
+        except (IceFailed, TimeoutError, WsQuicError) as exc:
+            reason = str(exc) or "timed out"
+            await self._fail(attempt, reason, agent)
+            return
+        except asyncio.CancelledError:
+            if agent is not None:
+                await agent.close()
+            raise
+        self.state = "direct"
+        self.last_error = None
+        self.time_to_direct = self._loop.time() - self._established_at
+        log_event(
+            log,
+            "path",
+            peer=link.peer_name,
+            session=link.sid,
+            path="direct",
+            reason=f"validated both ways in {(self._loop.time() - started) * 1000:.0f} ms",
+            rtt_ms=round(rtt * 1000, 2),
+            pair=str(self.nominated),
+        )
+        self._on_change(link)
+
+    def _observed(self, remote: CandidateOffer) -> list[str]:
+        """ESTABLISHED's view of the peer (its public IP) as extra candidates, if it says anything new."""
+        if self._observed_ip is None:
+            return []
+        try:
+            return observed_candidates(self._observed_ip, remote.candidates)
+        except CandidateError:
+            return []
+
+    def _left(self, deadline: float, what: str) -> float:
+        left = deadline - self._loop.time()
+        if left <= 0:
+            raise TimeoutError(f"no {what} within {self.settings.timeout:.1f} s")
+        return left
+
+    async def _fail(self, attempt: int, reason: str, agent: IceAgent | None) -> None:
+        if reason.startswith("timed out") or not reason:
+            reason = f"no direct path within {self.settings.timeout:.1f} s"
+        self.last_error = reason
+        if agent is not None:
+            await agent.close()
+        await self._drop_carriage(reason)
+        self.state = "relay"
+        retry_in = self.settings.retry
+        log_event(
+            log,
+            "direct_failed",
+            logging.WARNING,
+            peer=self.link.peer_name,
+            session=self.link.sid,
+            attempt=attempt,
+            reason=reason,
+            retry_in=retry_in if self.controlling else None,
+        )
+        log_event(log, "path", peer=self.link.peer_name, session=self.link.sid, path="relay", reason=reason)
+        if self.controlling:
+            self.next_retry_at = self._loop.time() + retry_in
+            self._retry = self._loop.call_later(retry_in, self._begin, attempt + 1)
+
+    # --- carriage callbacks --------------------------------------------------------------
+
+    def _carriage_connected(self) -> None:
+        if self._connected is not None and not self._connected.done():
+            self._connected.set_result(None)
+
+    def _carriage_closed(self, carriage: DirectCarriage, reason: str) -> None:
+        if carriage is not self.carriage:
+            return
+        was_direct = self.state == "direct"
+        self.carriage = None
+        for future in (self._connected, self._validated):
+            if future is not None and not future.done():
+                future.set_exception(WsQuicError(f"direct connection closed: {reason}"))
+        if was_direct:
+            self.last_error = f"direct path lost: {reason}"
+            self.link.paths.direct_down()
+            self.state = "relay"
+            log_event(
+                log,
+                "path",
+                logging.WARNING,
+                peer=self.link.peer_name,
+                session=self.link.sid,
+                path="relay",
+                reason=self.last_error,
+            )
+            self._on_change(self.link)
+            self._loop.create_task(carriage.close(reason))
+
+    async def _drop_carriage(self, reason: str) -> None:
+        carriage, self.carriage = self.carriage, None
+        if carriage is not None:
+            await carriage.close(reason)
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _send_record(self, kind: MsgType, plaintext: bytes) -> None:
+        wire = self.link.seal_record(kind, plaintext, self._loop.time())
+        if wire is not None:
+            self._send_relay([wire])
+
+    def _send_direct_path(self, messages: list[bytes], now: float) -> None:
+        wire = [w for w in (self.link.seal_record(MsgType.PATH, m, now) for m in messages) if w is not None]
+        self.send_direct(wire)
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        pair = self.nominated
+        return {
+            "state": self.state,
+            "attempts": self.attempts_made,
+            "last_error": self.last_error,
+            "nominated": str(pair) if pair else None,
+            "local_candidate": f"{pair.local.host}:{pair.local.port} {pair.local.type}" if pair else None,
+            "remote_candidate": f"{pair.remote.host}:{pair.remote.port} {pair.remote.type}" if pair else None,
+            "time_to_direct_s": round(self.time_to_direct, 3) if self.time_to_direct is not None else None,
+            "next_retry_in_s": round(self.next_retry_at - self._loop.time(), 1) if self.next_retry_at else None,
+        }
