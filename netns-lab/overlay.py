@@ -201,6 +201,19 @@ class Overlay:
 
         return wait_until(ready, timeout, f"{name} to have a peer on the {path} path")
 
+    def wait_established(self, name: str, peer: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until node ``name`` has an established peer, on whichever path."""
+
+        def ready() -> dict[str, Any] | None:
+            self._check_alive(name)
+            status = self.status(name, peer)
+            for p in (status or {}).get("peers", []):
+                if p.get("state") == "established":
+                    return p
+            return None
+
+        return wait_until(ready, timeout, f"{name} to have an established peer")
+
     def ping(self, peer: str, target: str, count: int = 5, interval: float = 0.2, timeout: float = 60) -> str:
         proc = self.lab.run(
             f"host-{peer}",

@@ -30,9 +30,11 @@ MAX_REASON = 255
 
 # --- Session parameters announced in ESTABLISHED -------------------------------
 
-#: Default MTU of the TAP overlay. 1400 leaves room for IPv6 + UDP + QUIC +
-#: sealing overhead on a 1500-byte path.
-DEFAULT_MTU = 1400
+#: Default MTU of the TAP overlay, chosen so one full-size Ethernet frame fits
+#: one QUIC DATAGRAM on a 1500-byte IPv6 path: 1360 + 14 (Ethernet header)
+#: + 45 (frame header 20, sealing 25) = 1419 <= 1422, the largest datagram
+#: payload with max_datagram_size 1452 (1500 - 40 IPv6 - 8 UDP).
+DEFAULT_MTU = 1360
 MIN_MTU = 576
 MAX_MTU = 9000
 

@@ -507,6 +507,29 @@ def status(control: str | None, as_json: bool) -> None:
     click.echo("")
     for row in rows:
         click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    click.echo("")
+    for p in peers:
+        click.echo(f"{p.get('name', '?')}  {_direct_summary(p.get('direct'))}")
+
+
+def _direct_summary(direct: dict[str, Any] | None) -> str:
+    """One line on a peer's direct path: the pair and how long it took, or why not and when again."""
+    if not direct:
+        return "direct path: not tried (--no-direct here or at the peer)"
+    attempts = direct.get("attempts", 0)
+    if direct.get("state") == "direct":
+        took = direct.get("time_to_direct_s")
+        return (
+            f"direct path: {direct.get('nominated')}"
+            + (f", {took * 1000:.0f} ms after ESTABLISHED" if took is not None else "")
+            + f" (attempt {attempts})"
+        )
+    line = f"direct path: {direct.get('state')}"
+    if direct.get("last_error"):
+        line += f"; last attempt failed: {direct['last_error']}"
+    if direct.get("next_retry_in_s") is not None:
+        line += f"; retry in {direct['next_retry_in_s']:.0f} s"
+    return line + f" ({attempts} attempt{'s' if attempts != 1 else ''})"
 
 
 # --- probe ---------------------------------------------------------------------

@@ -116,12 +116,15 @@ class DirectCarriage:
 
     def send(self, wire: list[bytes]) -> int:
         """Send wire frames (DATA as QUIC datagrams, the rest on the control stream); returns drops."""
+        # One flush for the whole batch: the TAP hands frames over in batches.
         dropped = 0
         for data in wire:
             try:
-                if data[1] == MsgType.DATA:
+                if data[1] == MsgType.DATA and len(data) <= self.quic.max_datagram_payload:
                     dropped += not self.quic.send_datagram(data)
                 else:
+                    # Control records, and any frame too big for one datagram (an overlay
+                    # MTU above the default), go on the reliable stream rather than be lost.
                     self.quic.send_control(data)
             except (ControlBacklogFullError, WsQuicError):
                 dropped += 1

@@ -411,7 +411,8 @@ class PeerLink:
             "tx_bytes": self.tx_bytes,
             "rx_frames": self.counters.rx_frames,
             "tx_frames": self.counters.tx_frames,
-            "rtt_ms": round(self.last_rtt * 1000, 2) if self.last_rtt is not None else None,
+            # The last heartbeat's RTT; until the first one, the path probe's.
+            "rtt_ms": round(rtt * 1000, 2) if (rtt := self.last_rtt or self.paths.last_rtt) is not None else None,
             "session_age_s": round(now - self.established_at, 1) if self.established_at is not None else None,
             "handshakes": self.counters.handshakes,
             "dropped": {**self.counters.extra, "oversize": self.counters.dropped_oversize},
