@@ -9,11 +9,15 @@ its log with a deadline, never by sleeping and hoping.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import selectors
 import signal
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,12 @@ RELAY_PORT = 8443
 NETWORK = "chr-001"
 OVERLAY = {"a": "10.10.10.3/24", "b": "10.10.10.4/24"}
 TRAVERSAL = [sys.executable, "-m", "traversal"]
+
+#: How long a capture may take to open its interface, and to flush and exit when stopped.
+CAPTURE_READY_TIMEOUT_S = 10.0
+CAPTURE_STOP_TIMEOUT_S = 10.0
+#: Bytes kept per captured frame: Ethernet + IPv6 + UDP/TCP headers fit with room to spare.
+CAPTURE_SNAPLEN = 128
 
 
 class OverlayError(Exception):
@@ -143,6 +153,13 @@ class Overlay:
         ]
         return self._start(name, f"host-{peer}", argv)
 
+    def start_peers(
+        self, extra: list[str] | None = None, *, extra_a: list[str] | None = None, extra_b: list[str] | None = None
+    ) -> None:
+        """Start node "a" in host-a and node "b" in host-b: ``extra`` flags for both, then each one's own."""
+        self.start_peer("a", "a", extra=[*(extra or []), *(extra_a or [])])
+        self.start_peer("b", "b", extra=[*(extra or []), *(extra_b or [])])
+
     def _exited(self, name: str) -> bool:
         return self.procs[name].poll() is not None
 
@@ -214,6 +231,25 @@ class Overlay:
 
         return wait_until(ready, timeout, f"{name} to have an established peer")
 
+    def wait_status(
+        self, name: str, peer: str, predicate: Callable[[dict[str, Any]], Any], timeout: float, what: str
+    ) -> Any:
+        """Poll node ``name``'s status until ``predicate(status)`` is truthy; returns that value."""
+
+        def ready() -> Any:
+            self._check_alive(name)
+            status = self.status(name, peer)
+            return predicate(status) if status is not None else None
+
+        return wait_until(ready, timeout, f"{name}: {what}")
+
+    def capture(self, role: str = "wan", interface: str = "br0", file: str = "capture.pcap") -> Capture:
+        """Start tcpdump on ``interface`` inside ``role`` (by default the WAN bridge, which sees every
+        packet between the NATs and the relay) and return once it is capturing."""
+        capture = Capture(self.lab, role, interface, self.workdir / file)
+        capture.start()
+        return capture
+
     def ping(self, peer: str, target: str, count: int = 5, interval: float = 0.2, timeout: float = 60) -> str:
         proc = self.lab.run(
             f"host-{peer}",
@@ -254,3 +290,148 @@ def parse_metrics(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return values
+
+
+# --- packet capture ----------------------------------------------------------------------
+
+_PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1": "<", b"\xa1\xb2\xc3\xd4": ">", b"\x4d\x3c\xb2\xa1": "<", b"\xa1\xb2\x3c\x4d": ">"}
+_LINKTYPE_ETHERNET = 1
+_LINKTYPE_LINUX_SLL = 113
+_ETHERTYPE_IPV4 = 0x0800
+_ETHERTYPE_IPV6 = 0x86DD
+_ETHERTYPE_VLAN = 0x8100
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One captured IP packet: its addresses, IP protocol number, ports (TCP and UDP only) and wire length."""
+
+    src: str
+    dst: str
+    proto: int
+    sport: int | None
+    dport: int | None
+    length: int
+
+    def touches(self, addresses: Iterable[str]) -> bool:
+        """True if the packet comes from or goes to one of ``addresses``."""
+        wanted = {str(ipaddress.ip_address(a)) for a in addresses}
+        return self.src in wanted or self.dst in wanted
+
+    def is_udp(self, src: str, dst: str) -> bool:
+        return self.proto == PROTO_UDP and self.src == _canonical(src) and self.dst == _canonical(dst)
+
+
+def _canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+def _ip_packet(ethertype: int, data: bytes, length: int) -> Packet | None:
+    if ethertype == _ETHERTYPE_IPV4 and len(data) >= 20:
+        header = (data[0] & 0x0F) * 4
+        proto, src, dst = data[9], data[12:16], data[16:20]
+        fragment_offset = struct.unpack("!H", data[6:8])[0] & 0x1FFF
+        ports = data[header : header + 4] if fragment_offset == 0 else b""
+    elif ethertype == _ETHERTYPE_IPV6 and len(data) >= 40:
+        # The lab's traffic carries no extension headers; anything else keeps proto and no ports.
+        proto, src, dst = data[6], data[8:24], data[24:40]
+        ports = data[40:44]
+    else:
+        return None
+    sport = dport = None
+    if proto in (PROTO_TCP, PROTO_UDP) and len(ports) == 4:
+        sport, dport = struct.unpack("!HH", ports)
+    return Packet(str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)), proto, sport, dport, length)
+
+
+def read_pcap(path: Path) -> list[Packet]:
+    """The IPv4 and IPv6 packets of a pcap file (Ethernet or Linux cooked); ARP and the like are skipped."""
+    data = path.read_bytes()
+    if len(data) < 24 or data[:4] not in _PCAP_MAGIC:
+        raise OverlayError(f"{path} is not a pcap file (tcpdump -w output)")
+    order = _PCAP_MAGIC[data[:4]]
+    linktype = struct.unpack(order + "I", data[20:24])[0] & 0x0FFFFFFF
+    if linktype not in (_LINKTYPE_ETHERNET, _LINKTYPE_LINUX_SLL):
+        raise OverlayError(f"{path}: link type {linktype} is not Ethernet or Linux cooked; capture one interface")
+    packets: list[Packet] = []
+    offset = 24
+    while offset + 16 <= len(data):
+        caplen, wirelen = struct.unpack(order + "II", data[offset + 8 : offset + 16])
+        frame = data[offset + 16 : offset + 16 + caplen]
+        offset += 16 + caplen
+        if linktype == _LINKTYPE_ETHERNET:
+            header = 14
+            ethertype = struct.unpack("!H", frame[12:14])[0] if len(frame) >= 14 else 0
+            if ethertype == _ETHERTYPE_VLAN and len(frame) >= 18:
+                header, ethertype = 18, struct.unpack("!H", frame[16:18])[0]
+        else:
+            header = 16
+            ethertype = struct.unpack("!H", frame[14:16])[0] if len(frame) >= 16 else 0
+        packet = _ip_packet(ethertype, frame[header:], wirelen - header)
+        if packet is not None:
+            packets.append(packet)
+    return packets
+
+
+class Capture:
+    """tcpdump on one interface of a lab namespace, written to a pcap file.
+
+    ``start()`` returns once tcpdump says it is listening, so nothing sent afterwards is
+    missed; ``stop()`` (SIGINT, so it flushes) returns the IP packets it saw. Promiscuous
+    mode (tcpdump's default) matters on a bridge: only then does the bridge hand the
+    frames it forwards between its ports to the capture, not just its own.
+    """
+
+    def __init__(self, lab: Any, role: str, interface: str, path: Path) -> None:
+        self.lab = lab
+        self.role = role
+        self.interface = interface
+        self.path = path
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: What tcpdump reported on exit ("N packets dropped by kernel" and the like).
+        self.summary = ""
+
+    def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        argv = ["tcpdump", "-i", self.interface, "-n", "-U", "--immediate-mode", "-s", str(CAPTURE_SNAPLEN)]
+        # -Z root: Debian's tcpdump otherwise drops to the tcpdump user before opening the file.
+        argv += ["-Z", "root", "-w", str(self.path)]
+        self.proc = self.lab.popen(self.role, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert self.proc.stderr is not None
+        seen = b""
+        deadline = time.monotonic() + CAPTURE_READY_TIMEOUT_S
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stderr, selectors.EVENT_READ)
+            while b"listening on" not in seen:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self._abort()
+                    raise OverlayError(f"tcpdump on {self.role} {self.interface} not listening: {seen.decode()!r}")
+                line = self.proc.stderr.readline()
+                if not line:
+                    self._abort()
+                    raise OverlayError(f"tcpdump on {self.role} {self.interface} exited: {seen.decode()!r}")
+                seen += line
+
+    def _abort(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> list[Packet]:
+        """Stop capturing and return the IP packets captured."""
+        if self.proc is None:
+            raise OverlayError("capture not started")
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=CAPTURE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._abort()
+            raise OverlayError(f"tcpdump on {self.role} {self.interface} did not exit on SIGINT") from None
+        self.summary = err.decode(errors="replace").strip()
+        if "0 packets dropped by kernel" not in self.summary:
+            raise OverlayError(f"the capture lost packets, so it proves nothing: {self.summary}")
+        return read_pcap(self.path)

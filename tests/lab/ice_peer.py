@@ -4,7 +4,8 @@ The test plays the relay: this script prints its offer as one JSON line, reads t
 peer's offer (and the public address the "relay" observed for the peer) as one JSON
 line on stdin, runs :class:`traversal.ice.IceAgent.connect` and, on success, swaps a
 few datagrams with the peer over the nominated pair. It ends with one JSON result
-line. Every wait is bounded; the script never outlives its own deadline.
+line, then keeps answering checks until the test says "close" (so a peer that
+finished early never leaves the other checking a closed socket). Every wait is bounded.
 
     python tests/lab/ice_peer.py --name a --controlling --stun 203.0.113.1:3478 --timeout 5
 """
@@ -27,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from traversal.candidates import CandidateOffer, decode_offer, encode_offer, observed_candidates
 from traversal.ice import IceAgent, IceFailed
 
-#: Datagrams each side sends over the nominated pair, and how long it may take.
+#: Datagrams each side sends over the nominated pair, and how long it may take (the peer
+#: may nominate up to a whole deadline later than we did).
 DATAGRAMS = 5
-EXCHANGE_TIMEOUT = 3.0
+EXCHANGE_TIMEOUT = 8.0
 #: After receiving all of the peer's datagrams, keep sending ours this long (the peer may still miss some).
 EXCHANGE_GRACE = 0.3
 
@@ -106,6 +108,7 @@ async def main() -> None:
         remote = decode_offer(base64.b64decode(peer["offer"]))
         extra = observed_candidates(peer["observed_ip"], remote.candidates) if peer.get("observed_ip") else []
         started = time.monotonic()
+        connect_at = time.time()  # wall clock: lets the test see how far apart the two sides started
         try:
             pair = await agent.connect(remote, args.timeout, extra_remote=extra)
         except IceFailed as exc:
@@ -116,6 +119,7 @@ async def main() -> None:
                     "reason": str(exc),
                     "elapsed_s": round(time.monotonic() - started, 3),
                     "checks_sent": agent.checks_sent,
+                    "connect_at": connect_at,
                 }
             )
             return
@@ -134,8 +138,10 @@ async def main() -> None:
                 "received": received,
                 "checks_sent": stats.checks_sent,
                 "pairs": stats.pairs,
+                "connect_at": connect_at,
             }
         )
+        await read_line(30.0)  # "close"
     finally:
         await agent.close()
 

@@ -14,6 +14,7 @@ host-a: they meet over their host candidates (the NAT does not hairpin).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import selectors
 import subprocess
@@ -126,6 +127,9 @@ def _run(lab: Any, tmp_path: Path, roles: tuple[str, str], observed: tuple[str, 
     wait = DEADLINE + 10
     result_a, result_b = a.read(wait), b.read(wait)
     for peer in (a, b):
+        if peer.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError):  # a failed peer exits without waiting
+                peer.write({"close": True})
         peer.proc.wait(timeout=10)
     return offer_a, offer_b, result_a, result_b
 

@@ -416,3 +416,19 @@ def test_gather_without_stun_answer_is_bounded() -> None:
             await agent.close()
 
     run(main)
+
+
+def test_aioice_internals_we_extend_exist() -> None:
+    """traversal/ice.py subclasses aioice 0.13's Connection and StunProtocol and reads a few
+    of their private members; an aioice upgrade that moves them must fail here, by name."""
+    import aioice
+    from aioice.ice import CandidatePair, Connection, StunProtocol
+
+    for name in ("_pair_remote_candidate", "_find_pair", "sort_check_list", "check_state", "request_received"):
+        assert callable(getattr(Connection, name, None)), f"aioice.Connection.{name} is gone ({aioice.__version__})"
+    for name in ("request", "send_stun", "datagram_received"):
+        assert callable(getattr(StunProtocol, name, None)), f"aioice StunProtocol.{name} is gone"
+    connection = Connection(ice_controlling=True)
+    for name in ("_check_list", "_nominated", "_protocols", "_local_candidates", "_local_candidates_start"):
+        assert hasattr(connection, name), f"aioice.Connection().{name} is gone ({aioice.__version__})"
+    assert {"FROZEN", "WAITING", "IN_PROGRESS", "SUCCEEDED", "FAILED"} <= set(CandidatePair.State.__members__)
