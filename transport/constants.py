@@ -89,6 +89,18 @@ DIRECT_CONNECT_DEADLINE = 5.0
 #: The seed: "Retry direct connection every 60 seconds".
 DIRECT_RETRY_INTERVAL = 60.0
 
+#: While direct, each side probes the direct path this often ...
+DIRECT_KEEPALIVE_INTERVAL = 1.0
+
+#: ... and declares it dead when none of its probes was answered for this long
+#: (the issue's bound: traffic back on the relay within 3 s of a cut, plus the
+#: time to reach the relay again).
+DIRECT_DEAD_AFTER = 3.0
+
+#: After a relay reconnect, a session resumed with its existing keys must hear
+#: from the peer within this time, or a new handshake is made (the peer restarted).
+RESUME_TIMEOUT = 2.0
+
 # --- Relay server ---------------------------------------------------------------
 
 #: A second login for an identity already connected makes the relay ping the

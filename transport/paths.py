@@ -11,8 +11,12 @@ the session (so the relay can neither forge nor replay them):
     SWITCHED received                    -> the peer sends on direct too: once both
                                             sides are switched, the relay may be let go
 
-Leaving the direct path (it died, or was released) returns to the relay. The
-record format inside a sealed PATH record: ``kind (1 byte) | nonce (8 bytes)``.
+While direct, each side keeps probing (``keepalive``) and the path counts as
+alive only while its own probes are acknowledged (``direct_alive``): an answer
+proves both directions, so a path cut one way is noticed by both sides.
+Leaving the direct path (it died, or was released) returns to the relay, and
+FALLBACK tells the peer. The record format inside a sealed PATH record:
+``kind (1 byte) | nonce (8 bytes)``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class PathMsg(IntEnum):
 
 
 _PATH = struct.Struct("!B8s")
+
+#: Keepalive probes remembered for their answers; older ones count as lost.
+MAX_OUTSTANDING_KEEPALIVES = 8
 
 
 def encode_path(kind: PathMsg, nonce: bytes) -> bytes:
@@ -86,6 +93,8 @@ class PathSwitch:
         self.peer_route = Route.RELAY
         self._probe_nonce: bytes | None = None
         self._probe_sent_at = 0.0
+        self._keepalives: dict[bytes, float] = {}  # nonce -> sent at, the few most recent
+        self.last_ack = 0.0  # when our last probe was answered on the direct path
         self.last_rtt: float | None = None
 
     @property
@@ -98,12 +107,27 @@ class PathSwitch:
         self._probe_sent_at = now
         return [encode_path(PathMsg.PROBE, self._probe_nonce)]
 
+    def keepalive(self, now: float) -> list[bytes]:
+        """While direct: a fresh PROBE to send on the direct path."""
+        if self.route is not Route.DIRECT:
+            return []
+        nonce = secrets.token_bytes(8)
+        self._keepalives[nonce] = now
+        while len(self._keepalives) > MAX_OUTSTANDING_KEEPALIVES:
+            del self._keepalives[next(iter(self._keepalives))]
+        return [encode_path(PathMsg.PROBE, nonce)]
+
+    def direct_alive(self, now: float, dead_after: float) -> bool:
+        """Has one of our probes been answered within ``dead_after`` seconds?"""
+        return self.route is Route.DIRECT and now - self.last_ack <= dead_after
+
     def direct_down(self) -> list[bytes]:
         """The direct carriage is gone: back to the relay. Returns PATH messages for the relay path."""
         was_direct = self.route is Route.DIRECT
         self.route = Route.RELAY
         self.peer_route = Route.RELAY
         self._probe_nonce = None
+        self._keepalives.clear()
         return [encode_path(PathMsg.FALLBACK, bytes(8))] if was_direct else []
 
     def on_message(self, data: bytes, now: float) -> tuple[list[bytes], list[PathEvent]]:
@@ -115,10 +139,16 @@ class PathSwitch:
         if kind is PathMsg.PROBE:
             return [encode_path(PathMsg.PROBE_ACK, nonce)], []
         if kind is PathMsg.PROBE_ACK:
+            sent_at = self._keepalives.pop(nonce, None)
+            if sent_at is not None:
+                self.last_ack = now
+                self.last_rtt = now - sent_at
+                return [], []
             if self._probe_nonce is None or nonce != self._probe_nonce or self.route is Route.DIRECT:
                 return [], []  # stale or duplicate: ignore
             self._probe_nonce = None
             self.route = Route.DIRECT
+            self.last_ack = now
             self.last_rtt = now - self._probe_sent_at
             return [encode_path(PathMsg.SWITCHED, bytes(8))], [PathValidated(self.last_rtt)]
         if kind is PathMsg.SWITCHED:

@@ -290,6 +290,11 @@ class Session:
         self._next_heartbeat = min(self._next_heartbeat, now + heartbeat_interval)
         self._send_rotate_at = min(self._send_rotate_at, now + key_rotation_interval)
 
+    def ping(self, now: float) -> None:
+        """Queue a heartbeat request now (e.g. to confirm the peer still holds these keys)."""
+        if not self._closed:
+            self._send_heartbeat_request(now)
+
     def seal(self, kind: MsgType, plaintext: bytes, now: float) -> bytes:
         """Seal ``plaintext`` as a record of ``kind``; returns the payload for a SessionFrame.
 

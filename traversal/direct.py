@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transport.certs import make_session_certificate
+from transport.constants import DIRECT_DEAD_AFTER, DIRECT_KEEPALIVE_INTERVAL, ICE_GATHER_TIMEOUT
 from transport.frames import MsgType
 from transport.paths import PathError, PathValidated, PeerFellBack, PeerSwitched
 from transport.wsquic import (
@@ -176,6 +177,7 @@ class DirectPathManager:
         self._validated: asyncio.Future[float] | None = None
         self._established_at = self._loop.time()
         self.next_retry_at: float | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
 
     # --- entry points ------------------------------------------------------------------
 
@@ -217,7 +219,8 @@ class DirectPathManager:
                 self._on_change(self.link)
             elif isinstance(event, PeerFellBack):
                 log_event(log, "peer_fell_back", peer=self.link.peer_name, session=self.link.sid)
-                self._on_change(self.link)
+                if self.state == "direct":
+                    self._direct_lost("the peer fell back to the relay")
 
     def send_direct(self, wire: list[bytes]) -> int:
         """Send wire frames on the direct carriage; returns how many were dropped."""
@@ -228,6 +231,8 @@ class DirectPathManager:
     async def close(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -262,7 +267,8 @@ class DirectPathManager:
                 port_range=self.settings.port_range,
                 exclude_addresses=self.settings.exclude_addresses,
             )
-            local = await agent.gather()
+            # Gathering counts against the attempt's deadline too (STUN may get no answer).
+            local = await agent.gather(timeout=min(ICE_GATHER_TIMEOUT, self._left(deadline, "STUN answers")))
             certificate = None if self.controlling else make_session_certificate()
             offer = CandidateOffer(
                 attempt=attempt,
@@ -318,6 +324,7 @@ class DirectPathManager:
         self.state = "direct"
         self.last_error = None
         self.time_to_direct = self._loop.time() - self._established_at
+        self._keepalive = self._loop.call_later(DIRECT_KEEPALIVE_INTERVAL, self._keepalive_tick)
         log_event(
             log,
             "path",
@@ -342,7 +349,7 @@ class DirectPathManager:
     def _left(self, deadline: float, what: str) -> float:
         left = deadline - self._loop.time()
         if left <= 0:
-            raise TimeoutError(f"no {what} within {self.settings.timeout:.1f} s")
+            raise TimeoutError(f"gave up waiting for {what} after {self.settings.timeout:.1f} s")
         return left
 
     async def _fail(self, attempt: int, reason: str, agent: IceAgent | None) -> None:
@@ -366,8 +373,7 @@ class DirectPathManager:
         )
         log_event(log, "path", peer=self.link.peer_name, session=self.link.sid, path="relay", reason=reason)
         if self.controlling:
-            self.next_retry_at = self._loop.time() + retry_in
-            self._retry = self._loop.call_later(retry_in, self._begin, attempt + 1)
+            self._schedule_retry(attempt + 1)
 
     # --- carriage callbacks --------------------------------------------------------------
 
@@ -378,26 +384,54 @@ class DirectPathManager:
     def _carriage_closed(self, carriage: DirectCarriage, reason: str) -> None:
         if carriage is not self.carriage:
             return
-        was_direct = self.state == "direct"
-        self.carriage = None
         for future in (self._connected, self._validated):
             if future is not None and not future.done():
                 future.set_exception(WsQuicError(f"direct connection closed: {reason}"))
-        if was_direct:
-            self.last_error = f"direct path lost: {reason}"
-            self.link.paths.direct_down()
-            self.state = "relay"
-            log_event(
-                log,
-                "path",
-                logging.WARNING,
-                peer=self.link.peer_name,
-                session=self.link.sid,
-                path="relay",
-                reason=self.last_error,
-            )
-            self._on_change(self.link)
+        if self.state == "direct":
+            self._direct_lost(f"the direct connection closed: {reason}")
+        else:
+            self.carriage = None
+
+    def _keepalive_tick(self) -> None:
+        """While direct: probe the path, and give it up when our probes go unanswered."""
+        self._keepalive = None
+        if self.state != "direct":
+            return
+        now = self._loop.time()
+        if not self.link.paths.direct_alive(now, DIRECT_DEAD_AFTER):
+            self._direct_lost(f"no answer on the direct path for {DIRECT_DEAD_AFTER:.0f} s")
+            return
+        self._send_direct_path(self.link.paths.keepalive(now), now)
+        self._keepalive = self._loop.call_later(DIRECT_KEEPALIVE_INTERVAL, self._keepalive_tick)
+
+    def _direct_lost(self, reason: str) -> None:
+        """The direct path is gone: traffic returns to the relay, and the direct path is retried."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        self.last_error = reason
+        self.state = "relay"
+        lost_at = self._loop.time()
+        # Best effort: tell the peer on the direct path (it may still work one way).
+        fallback = self.link.paths.direct_down()
+        self._send_direct_path(fallback, lost_at)
+        carriage, self.carriage = self.carriage, None
+        if carriage is not None:
             self._loop.create_task(carriage.close(reason))
+        log_event(
+            log, "path", logging.WARNING, peer=self.link.peer_name, session=self.link.sid, path="relay", reason=reason
+        )
+        self._on_change(self.link)
+        if self.controlling:
+            self._schedule_retry(self.attempt + 1)
+
+    def _schedule_retry(self, attempt: int) -> None:
+        retry_in = self.settings.retry
+        self.next_retry_at = self._loop.time() + retry_in
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = self._loop.call_later(retry_in, self._begin, attempt)
+        log_event(log, "direct_retry_armed", peer=self.link.peer_name, attempt=attempt, retry_in=retry_in)
 
     async def _drop_carriage(self, reason: str) -> None:
         carriage, self.carriage = self.carriage, None

@@ -256,14 +256,16 @@ class Node:
             await asyncio.sleep(delay)
 
     def _drop_relayed_links(self) -> None:
-        """The relay connection ended: links that depend on it go, direct ones stay."""
+        """The relay connection ended. Direct links carry on; links with keys wait to be resumed
+        on the next relay connection (same keys, new relay session); the rest are dropped."""
         for session_id, link in list(self.links.items()):
-            if link.paths.route is Route.DIRECT and link.state is LinkState.ESTABLISHED:
+            if link.state is LinkState.ESTABLISHED:
+                if link.paths.route is not Route.DIRECT:
+                    log_event(
+                        log, "peer_detached", peer=link.peer_name, session=link.sid, reason="relay connection lost"
+                    )
                 continue
-            if not self._parked:
-                log_event(
-                    log, "peer_unreachable", peer=link.peer_name, session=link.sid, reason="relay connection lost"
-                )
+            log_event(log, "peer_unreachable", peer=link.peer_name, session=link.sid, reason="relay connection lost")
             self._forget_link(session_id)
         # Anything queued belonged to the lost connection's sessions.
         while not self._send_queue.empty():
@@ -400,6 +402,12 @@ class Node:
                 identity=encode_public(frame.peer),
             )
             return
+        existing = next((lk for lk in self.links.values() if lk.peer == frame.peer), None)
+        if existing is not None and existing.state is LinkState.ESTABLISHED:
+            self._rebind(existing, frame.session_id, now)
+            return
+        if existing is not None:
+            self._forget_link(existing.session_id)
         link = PeerLink(
             session_id=frame.session_id,
             peer=frame.peer,
@@ -414,6 +422,20 @@ class Node:
             log, "peer_joined", peer=peer_name, session=link.sid, role="initiator" if link.initiator else "responder"
         )
         self._send_relay(link.start(now))
+        self._wake.set()
+
+    def _rebind(self, link: PeerLink, session_id: bytes, now: float) -> None:
+        """Resume an existing session over a new relay session (no new handshake)."""
+        old = link.session_id
+        self.links.pop(old, None)
+        self.released.discard(old)
+        manager = self.direct.pop(old, None)
+        self.links[session_id] = link
+        if manager is not None:
+            self.direct[session_id] = manager
+        self._send_relay(link.rebind(session_id, now))
+        if link.paths.route is Route.DIRECT:
+            self._on_path_change(link)  # release our direction of the new relay session at once
         self._wake.set()
 
     def _on_established(self, frame: frames.Established, now: float) -> None:
@@ -474,13 +496,13 @@ class Node:
                 log_event(log, "relay_released", peer=link.peer_name, session=link.sid)
             self._maybe_park_relay()
             return
-        # Back on the relay: this session's relay direction was given up, so it is
-        # rebuilt from scratch through a fresh relay connection (same identity, new session).
+        # Back on the relay. If our direction of the relay session was released, or the
+        # relay connection was let go, the session resumes over a fresh relay connection
+        # (same keys, new relay session id: see _rebind).
         if session_id in self.released or self.relay is None:
             manager = self.direct.get(session_id)
             reason = manager.last_error if manager is not None else None
             log_event(log, "relay_needed", peer=link.peer_name, session=link.sid, reason=reason)
-            self._forget_link(session_id)
             self._need_relay()
 
     def _maybe_park_relay(self) -> None:
@@ -530,7 +552,8 @@ class Node:
                 deadline = link.next_deadline()
                 if deadline is not None and deadline <= now:
                     self._send_link(link, link.handle_timer(now))
-                    if link.state is LinkState.CLOSED:
+                    detached = self.relay is None and link.paths.route is not Route.DIRECT
+                    if link.state is LinkState.CLOSED or (detached and link.state is LinkState.HANDSHAKING):
                         self._forget_link(session_id)
 
     # --- status --------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from transport import frames
-from transport.constants import DEFAULT_MTU, HANDSHAKE_TIMEOUT, MAX_MTU, MIN_MTU
+from transport.constants import DEFAULT_MTU, HANDSHAKE_TIMEOUT, MAX_MTU, MIN_MTU, RESUME_TIMEOUT
 from transport.frames import MsgType
 from transport.handshake import MSG1_SIZE, Handshake, HandshakeError, HandshakeState, is_initiator
 from transport.identity import encode_public, public_bytes, short_id
@@ -120,6 +120,7 @@ class PeerLink:
         self._handshake: Handshake | None = None
         self._handshake_deadline: float | None = None
         self._restart_pending = False
+        self._resume_deadline: float | None = None  # set while a rebound session awaits proof of life
         self.paths = PathSwitch()
         #: Called with CANDIDATES and PATH records (the direct-path manager's business).
         self.on_record: Callable[[MsgType, bytes], None] | None = None
@@ -171,6 +172,13 @@ class PeerLink:
 
     def _on_handshake(self, payload: bytes, now: float) -> list[bytes]:
         restarted = self._handshake is None or self._handshake.state is not HandshakeState.START
+        if not self.initiator and self._resume_deadline is not None and len(payload) == MSG1_SIZE:
+            # We tried to resume our keys on a new relay session, and the peer answers
+            # with a new handshake: it lost them (it restarted). Follow it.
+            log_event(log, "resume_refused", peer=self.peer_name, session=self.sid, reason="peer started a handshake")
+            self._resume_deadline = None
+            self._set_session(None)
+            self.state = LinkState.HANDSHAKING
         if not self.initiator and self.state is not LinkState.ESTABLISHED and restarted and len(payload) == MSG1_SIZE:
             # A first message while we wait means the initiator restarted: follow it.
             # Once established, a stray first message (a replay) is ignored.
@@ -214,6 +222,23 @@ class PeerLink:
         out = [frames.encode(frames.Ready(self.session_id))]
         self._maybe_established(now)
         return out
+
+    def rebind(self, session_id: bytes, now: float) -> list[bytes]:
+        """Carry on over a new relay session (the relay restarted, or we reconnected to it).
+
+        With keys, the session resumes as it is (same keys, counters and replay
+        window): READY asks the relay for ESTABLISHED, and a heartbeat asks the
+        peer to prove it still holds the keys. Without an answer in
+        RESUME_TIMEOUT the link falls back to a new handshake.
+        """
+        self.session_id = session_id
+        self.sid = session_id.hex()[:8]
+        if self.session is None or self.state is not LinkState.ESTABLISHED:
+            return self.start(now)
+        self._resume_deadline = now + RESUME_TIMEOUT
+        self.session.ping(now)
+        log_event(log, "session_resume", peer=self.peer_name, session=self.sid, e2e=self.session_tag)
+        return [frames.encode(frames.Ready(session_id)), *self._drain()]
 
     # --- relay signals -----------------------------------------------------------
 
@@ -303,7 +328,12 @@ class PeerLink:
             return self._on_handshake(frame.payload, now), []
         if self.session is None:
             return [], []
-        events = self.session.receive(frame.type, frame.payload, now)
+        session = self.session
+        before = session.stats.rx_records
+        events = session.receive(frame.type, frame.payload, now)
+        if self._resume_deadline is not None and session.stats.rx_records > before:
+            self._resume_deadline = None  # the peer answered under our keys: resumed
+            log_event(log, "session_resumed", peer=self.peer_name, session=self.sid, e2e=self.session_tag)
         return self._drain(), self._handle_events(events, now)
 
     def _handle_events(self, events: list[SessionEvent], now: float) -> list[bytes]:
@@ -363,11 +393,23 @@ class PeerLink:
 
     def next_deadline(self) -> float | None:
         session_deadline = self.session.next_deadline() if self.session is not None else None
-        deadlines = [d for d in (self._handshake_deadline, session_deadline) if d is not None]
+        deadlines = [d for d in (self._handshake_deadline, session_deadline, self._resume_deadline) if d is not None]
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[bytes]:
         out: list[bytes] = []
+        if self._resume_deadline is not None and now >= self._resume_deadline:
+            self._resume_deadline = None
+            log_event(
+                log,
+                "resume_failed",
+                logging.WARNING,
+                peer=self.peer_name,
+                session=self.sid,
+                reason=f"no answer under the old keys within {RESUME_TIMEOUT:.0f} s",
+            )
+            self._set_session(None)
+            return self.start(now)
         if self._handshake_deadline is not None and now >= self._handshake_deadline:
             if self.state is not LinkState.ESTABLISHED:
                 reason = "handshake timed out" if self.state is LinkState.HANDSHAKING else "no ESTABLISHED from relay"

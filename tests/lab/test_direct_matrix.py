@@ -193,7 +193,7 @@ def _session_series(metrics: dict[str, float], session_id: str) -> float | None:
 
 
 def _host(candidate: str) -> str:
-    """ "192.168.1.2:4000 host" or "[2001:db8::2]:4000 host" -> the address."""
+    """A status candidate's address: '192.168.1.2:4000 host' -> '192.168.1.2', '[::1]:4000 host' -> '::1'."""
     return candidate.split()[0].rsplit(":", 1)[0].strip("[]")
 
 

@@ -86,3 +86,20 @@ def test_malformed_messages_are_refused() -> None:
         decode_path(b"\x01short")
     with pytest.raises(PathError):
         decode_path(bytes([9]) + bytes(8))
+
+
+def test_keepalive_answers_keep_the_path_alive_and_silence_kills_it() -> None:
+    a, b = PathSwitch(), PathSwitch()
+    exchange(a, b, a.direct_up(0.0), 0.0)
+    assert a.direct_alive(2.9, dead_after=3.0)
+    assert not a.direct_alive(3.1, dead_after=3.0)  # no probe answered for 3.1 s
+    exchange(a, b, a.keepalive(3.0), 3.05)
+    assert a.direct_alive(6.0, dead_after=3.0) and a.last_rtt == pytest.approx(0.05)
+    lost = a.keepalive(7.0)  # a probe the path swallows: its answer never comes
+    assert lost and not a.direct_alive(9.1, dead_after=3.0)
+
+
+def test_keepalive_only_while_direct() -> None:
+    a = PathSwitch()
+    assert a.keepalive(0.0) == []
+    assert not a.direct_alive(0.0, dead_after=3.0)

@@ -1,0 +1,340 @@
+"""Time to a direct path per NAT pair, in the netns lab, with the real relay and nodes.
+
+For each pair: one lab and one relay (with its STUN server), then ``--runs`` times a fresh
+pair of ``traversal connect`` nodes (only the two nodes restart between runs; they keep
+the pair's two identities, so the same side controls the ICE checks in every run). Per run:
+
+* ESTABLISHED -> direct: the nodes' own ``direct.time_to_direct_s`` (each side times
+  from the ESTABLISHED it received to its path validated both ways; the later side
+  counts, since only then is the pair direct);
+* start -> first ping: from starting both nodes to the first echo reply across the
+  overlay (echo requests every 10 ms from host-a), whatever the path then (relay or direct).
+
+Node a's TAP gets an ARP retransmit time of 100 ms (the kernel's default is 1 s) before
+the pinging starts: the first ARP request leaves before the session exists and is lost,
+and the 1 s retry would otherwise round every first-ping figure up to the next second.
+
+Writes ``bench/time_to_direct.md`` (``--out``). Run as root, from the repository:
+``.venv/bin/python bench/time_to_direct.py [--runs 10] [--pairs cone-cone,double-cone]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import math
+import os
+import platform
+import selectors
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+PAIRS = [
+    ("cone", "cone"),
+    ("cone", "symseq"),
+    ("symseq", "symseq"),
+    ("double", "cone"),
+    ("public", "cone"),
+    ("fullcone", "symrand"),
+    ("dualstack", "dualstack"),
+]
+
+#: From starting the nodes to a decided path (relay login, handshake, one 5 s attempt), with room.
+SETTLE_TIMEOUT_S = 30.0
+#: How long the relay may take to notice that the previous run's nodes left.
+RELAY_IDLE_TIMEOUT_S = 15.0
+FIRST_PING_TIMEOUT_S = 20
+ARP_RETRANSMIT_MS = 100
+PEER_B_ADDRESS = "10.10.10.4"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"netns_lab_{name}", REPO / "netns-lab" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+lab_module = _load("lab")
+overlay_module = _load("overlay")
+
+
+class BenchError(Exception):
+    """A run could not be measured; the message says which and where its logs are."""
+
+
+@dataclass
+class Run:
+    outcome: str  # "direct" or "relay"
+    time_to_direct_s: float | None
+    first_ping_s: float | None
+    nominated: str | None
+    error: str | None = None
+
+
+@dataclass
+class PairResult:
+    nat_a: str
+    nat_b: str
+    runs: list[Run] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _peer(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    peers = (status or {}).get("peers") or []
+    return peers[0] if peers else None
+
+
+def _decided(status: dict[str, Any]) -> dict[str, Any] | None:
+    """The peer entry once its path is settled: direct both ways, or back on the relay after an attempt."""
+    peer = _peer(status)
+    if peer is None or peer.get("direct") is None:
+        return None
+    if (peer["path"], peer["peer_path"]) == ("direct", "direct"):
+        return peer
+    return peer if peer["direct"]["state"] == "relay" and peer["direct"]["last_error"] else None
+
+
+#: Runs in host-a: ICMP echo requests every 10 ms to argv[1] until the first reply (or argv[2]
+#: seconds), then prints that reply's wall-clock time. Sends fail until the node's TAP and
+#: its route exist; the moment the TAP appears, before anything is sent through it, its ARP
+#: retransmit time is lowered (see the module docstring).
+PINGER = r"""
+import os, select, socket, struct, sys, time
+dst, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+arp = "/proc/sys/net/ipv4/neigh/%s/retrans_time_ms" % sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident, seq, tuned = os.getpid() & 0xFFFF, 0, False
+print("ready", flush=True)
+def echo(seq):
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"traversal bench!"  # an even length
+    total = sum(struct.unpack("!%dH" % (len(body) // 2), body))
+    total = (total >> 16) + (total & 0xFFFF)
+    csum = ~(total + (total >> 16)) & 0xFFFF
+    return body[:2] + struct.pack("!H", csum) + body[4:]
+while time.time() < deadline:
+    if not tuned:
+        if not os.path.exists(arp):
+            time.sleep(0.002)
+            continue
+        with open(arp, "w") as f:
+            f.write(sys.argv[4])
+        tuned = True
+    seq = (seq + 1) & 0xFFFF
+    try:
+        s.sendto(echo(seq), (dst, 0))
+    except OSError:
+        pass  # no route yet
+    end = time.time() + 0.01
+    while (left := end - time.time()) > 0 and select.select([s], [], [], left)[0]:
+        data, src = s.recvfrom(2048)
+        head = (data[0] & 0x0F) * 4
+        if src[0] == dst and data[head] == 0 and struct.unpack("!H", data[head + 4 : head + 6])[0] == ident:
+            print(repr(time.time()), flush=True)
+            sys.exit(0)
+print("none", flush=True)
+"""
+
+
+def _start_pinger(run: Any) -> subprocess.Popen[str]:
+    """Start PINGER in host-a and wait (bounded) until it is ready to send."""
+    argv = [sys.executable, "-c", PINGER, PEER_B_ADDRESS, str(FIRST_PING_TIMEOUT_S), "tap0", str(ARP_RETRANSMIT_MS)]
+    proc = run.lab.popen("host-a", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if _read_line(proc, 10) != "ready":
+        proc.kill()
+        raise BenchError(f"the pinger did not start: {proc.communicate()[1].strip()}")
+    return proc
+
+
+def _read_line(proc: subprocess.Popen[str], timeout: float) -> str | None:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        return proc.stdout.readline().strip() if sel.select(timeout) else None
+
+
+def _one_run(run: Any, index: int) -> Run:
+    pinger = _start_pinger(run)
+    started_wall = time.time()
+    run.start_peers()
+    try:
+        reply = _read_line(pinger, FIRST_PING_TIMEOUT_S + 5)
+    finally:
+        pinger.kill()
+        pinger.wait(5)
+    first_ping = float(reply) - started_wall if reply and reply != "none" else None
+    peers = {name: run.wait_status(name, name, _decided, SETTLE_TIMEOUT_S, "a decided path") for name in ("a", "b")}
+    direct = all(p["path"] == "direct" for p in peers.values())
+    times = [p["direct"]["time_to_direct_s"] for p in peers.values()]
+    for name in ("a", "b"):
+        run.stop(name)
+    # Keep each run's logs; the next run starts fresh ones under the same names.
+    for name in ("a", "b"):
+        log = run.log_path(name)
+        if log.exists():
+            log.rename(log.with_name(f"{name}-run{index:02d}.log"))
+    overlay_module.wait_until(
+        lambda: run.metrics()["traversal_relay_clients_connected"] == 0, RELAY_IDLE_TIMEOUT_S, "the relay to be idle"
+    )
+    return Run(
+        outcome="direct" if direct else "relay",
+        time_to_direct_s=max(times) if direct else None,
+        first_ping_s=first_ping,
+        nominated=peers["a"]["direct"]["nominated"],
+        error=None if direct else peers["a"]["direct"]["last_error"],
+    )
+
+
+def bench_pair(nat_a: str, nat_b: str, runs: int, workdir: Path) -> PairResult:
+    result = PairResult(nat_a, nat_b)
+    started = time.monotonic()
+    lab = lab_module.Lab(nat_a=nat_a, nat_b=nat_b)
+    try:
+        lab.up()
+        run = overlay_module.Overlay(lab, workdir / f"{nat_a}-{nat_b}")
+        for name in ("a", "b"):
+            run.keygen(name)
+        run.start_relay(run.write_members(["a", "b"]))
+        for index in range(1, runs + 1):
+            try:
+                outcome = _one_run(run, index)
+            except overlay_module.OverlayError as exc:
+                raise BenchError(f"{nat_a} x {nat_b} run {index}: {exc} (logs in {run.workdir})") from None
+            result.runs.append(outcome)
+            ttd = f"{outcome.time_to_direct_s:.3f} s" if outcome.time_to_direct_s is not None else "-"
+            ping = f"{outcome.first_ping_s:.3f} s" if outcome.first_ping_s is not None else "none"
+            print(f"  {nat_a} x {nat_b} run {index}: {outcome.outcome}, to direct {ttd}, first ping {ping}", flush=True)
+    finally:
+        lab.down()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def _p95(values: list[float]) -> float:
+    """Nearest-rank 95th percentile (with 10 runs, the largest value)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "- | - | - | -"
+    return " | ".join(f"{v:.3f}" for v in (statistics.median(values), _p95(values), min(values), max(values)))
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _outcome(result: PairResult) -> str:
+    direct = sum(r.outcome == "direct" for r in result.runs)
+    if direct == len(result.runs):
+        return f"direct ({direct}/{len(result.runs)})"
+    if direct == 0:
+        return f"relay ({len(result.runs)}/{len(result.runs)})"
+    return f"mixed: direct {direct}/{len(result.runs)}"
+
+
+def render(results: list[PairResult], command: str, load: tuple[float, float], date: str) -> str:
+    lines = [
+        "# Time to direct, per NAT pair",
+        "",
+        "Generated by `bench/time_to_direct.py` (its docstring says what is measured). Times in seconds;",
+        "p95 is nearest-rank, so with 10 runs it is the largest value.",
+        "",
+        f"- date: {date}",
+        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {_cpu_model()}, "
+        f"Linux {platform.release()}, Python {platform.python_version()}",
+        f"- load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}",
+        f"- command: `{command}`",
+        "",
+        "| pair (a x b) | outcome | ESTABLISHED -> direct: median | p95 | min | max "
+        "| start -> first ping: median | p95 | min | max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ttd = [x.time_to_direct_s for x in r.runs if x.time_to_direct_s is not None]
+        ping = [x.first_ping_s for x in r.runs if x.first_ping_s is not None]
+        lines.append(f"| {r.nat_a} x {r.nat_b} | {_outcome(r)} | {_stats(ttd)} | {_stats(ping)} |")
+    lines += ["", "Per pair and run: the nominated pair (a's view), or why it stayed on the relay.", ""]
+    for r in results:
+        lines.append(f"## {r.nat_a} x {r.nat_b}")
+        lines.append("")
+        lines.append(f"{_outcome(r)}; {len(r.runs)} runs in {r.seconds:.1f} s (lab, relay and all runs).")
+        lines.append("")
+        lines.append("| run | outcome | ESTABLISHED -> direct | start -> first ping | nominated pair / reason |")
+        lines.append("|---|---|---|---|---|")
+        for i, x in enumerate(r.runs, start=1):
+            ttd = f"{x.time_to_direct_s:.3f}" if x.time_to_direct_s is not None else "-"
+            ping = f"{x.first_ping_s:.3f}" if x.first_ping_s is not None else "no reply"
+            lines.append(f"| {i} | {x.outcome} | {ttd} | {ping} | {x.nominated or x.error} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10, help="fresh node pairs per NAT pair (default 10)")
+    names = ",".join(f"{a}-{b}" for a, b in PAIRS)
+    parser.add_argument("--pairs", default=names, help=f"comma-separated A-B profile pairs (default {names})")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "time_to_direct.md", help="Markdown report")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    pairs = []
+    for item in args.pairs.split(","):
+        a, _, b = item.strip().partition("-")
+        if a not in lab_module.PROFILES or b not in lab_module.PROFILES:
+            parser.error(f"bad pair {item!r}: use A-B with profiles from {', '.join(lab_module.PROFILES)}")
+        pairs.append((a, b))
+    try:
+        lab_module.check_prerequisites()
+    except lab_module.LabError as exc:
+        print(f"time_to_direct: {exc}", file=sys.stderr)
+        return 1
+    executable = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+    command = shlex.join([executable, *sys.argv])
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_start = os.getloadavg()[0]
+    workdir = Path(tempfile.mkdtemp(prefix="time-to-direct-"))
+    results = []
+    try:
+        for a, b in pairs:
+            print(f"{a} x {b}: {args.runs} runs", flush=True)
+            results.append(bench_pair(a, b, args.runs, workdir))
+    except (BenchError, lab_module.LabError, overlay_module.OverlayError) as exc:
+        print(f"time_to_direct: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    report = render(results, command, (load_start, os.getloadavg()[0]), date)
+    args.out.write_text(report + "\n")
+    print(f"\nwrote {args.out}\n")
+    print("\n".join(report.splitlines()[: 13 + len(results)]))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
