@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import selectors
 import signal
 import struct
@@ -28,6 +29,20 @@ RELAY_PORT = 8443
 NETWORK = "chr-001"
 OVERLAY = {"a": "10.10.10.3/24", "b": "10.10.10.4/24"}
 TRAVERSAL = [sys.executable, "-m", "traversal"]
+#: The same CLI with microsecond wall-clock log timestamps (``%(created).6f``, seconds since the
+#: epoch) instead of ``HH:MM:SS``, so a bench can time events in a log against each other and
+#: against other processes (every namespace shares one clock). Only the formatter differs.
+TRAVERSAL_PRECISE_LOG = [
+    sys.executable,
+    "-c",
+    "import logging, sys, traversal.cli as cli, traversal.logfmt as logfmt\n"
+    "def setup(verbose=False):\n"
+    "    logfmt.setup_logging(verbose)\n"
+    "    for handler in logging.getLogger().handlers:\n"
+    "        handler.setFormatter(logging.Formatter('%(created).6f %(levelname)-5s %(name)s %(message)s'))\n"
+    "cli.setup_logging = setup\n"
+    "cli.main()\n",
+]
 
 #: How long a capture may take to open its interface, and to flush and exit when stopped.
 CAPTURE_READY_TIMEOUT_S = 10.0
@@ -57,6 +72,8 @@ class Overlay:
     lab: Any  # netns-lab/lab.py Lab (loaded by path, hence untyped here)
     workdir: Path
     relay_port: int = RELAY_PORT
+    #: How the relay and nodes are run: TRAVERSAL, or TRAVERSAL_PRECISE_LOG for timestamped logs.
+    command: list[str] = field(default_factory=lambda: list(TRAVERSAL))
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
     pubkeys: dict[str, str] = field(default_factory=dict)
 
@@ -108,7 +125,7 @@ class Overlay:
 
     def start_relay(self, members: Path, *, extra: list[str] | None = None) -> None:
         argv = [
-            *TRAVERSAL,
+            *self.command,
             "relay",
             "--listen",
             f"{RELAY_IP}:{self.relay_port}",
@@ -133,7 +150,7 @@ class Overlay:
     def start_peer(self, name: str, peer: str, *, extra: list[str] | None = None) -> subprocess.Popen[Any]:
         """Start node ``name`` in host-``peer`` with the overlay address of that side."""
         argv = [
-            *TRAVERSAL,
+            *self.command,
             "connect",
             "--relay",
             f"wss://{RELAY_IP}:{self.relay_port}",
@@ -179,6 +196,13 @@ class Overlay:
                 proc.kill()
                 proc.wait(5)
         return proc.returncode
+
+    def kill(self, name: str, timeout: float = 10.0) -> int:
+        """SIGKILL (a crash: no BYE, no cleanup) and wait; returns the exit status."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait(timeout)
 
     def stop_all(self) -> None:
         for name in list(self.procs):
@@ -243,6 +267,15 @@ class Overlay:
 
         return wait_until(ready, timeout, f"{name}: {what}")
 
+    def log_count(self, name: str, needle: str) -> int:
+        """How many lines of ``name``'s log contain ``needle``."""
+        return sum(needle in line for line in self.log_text(name).splitlines())
+
+    def wait_log(self, name: str, needle: str, timeout: float, *, count: int = 1, interval: float = 0.005) -> None:
+        """Wait until ``count`` lines of ``name``'s log contain ``needle`` (reading a file is cheap,
+        so this polls far faster than :meth:`status`, which runs a process per look)."""
+        wait_until(lambda: self.log_count(name, needle) >= count, timeout, f"{name} to log {needle!r}", interval)
+
     def capture(self, role: str = "wan", interface: str = "br0", file: str = "capture.pcap") -> Capture:
         """Start tcpdump on ``interface`` inside ``role`` (by default the WAN bridge, which sees every
         packet between the NATs and the relay) and return once it is capturing."""
@@ -265,6 +298,25 @@ class Overlay:
             timeout=timeout,
         )
         return proc.stdout + proc.stderr
+
+    def start_ping(
+        self, peer: str, target: str, *, count: int, interval: float = 0.01, file: str | None = None
+    ) -> PingRun:
+        """Start ``ping`` in host-``peer`` in the background (see :class:`PingRun`)."""
+        path = self.workdir / (file or f"ping-{peer}-{target}.txt")
+        return PingRun(self.lab, f"host-{peer}", target, count, interval, path)
+
+    def insert_drop_rule(self, role: str, match: str = "meta l4proto udp", chain: str = "forward") -> int:
+        """Insert ``MATCH drop`` at the top of ``role``'s ``ip lab`` chain; returns the rule's handle."""
+        self.lab.run(role, "nft", "insert", "rule", "ip", "lab", chain, *match.split(), "drop")
+        listing = self.lab.run(role, "nft", "-a", "list", "chain", "ip", "lab", chain).stdout
+        handles = re.findall(rf"^\s*{re.escape(match)} drop # handle (\d+)$", listing, re.MULTILINE)
+        if not handles:
+            raise OverlayError(f"inserted rule {match!r} drop not found in {role}'s chain {chain}:\n{listing}")
+        return int(handles[0])
+
+    def delete_rule(self, role: str, handle: int, chain: str = "forward") -> None:
+        self.lab.run(role, "nft", "delete", "rule", "ip", "lab", chain, "handle", str(handle))
 
     def metrics(self) -> dict[str, float]:
         """The relay's /metrics, fetched over TLS from inside the WAN namespace."""
@@ -290,6 +342,94 @@ def parse_metrics(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return values
+
+
+# --- ping in the background -----------------------------------------------------------------
+
+_PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received(?:, \+(\d+) duplicates)?")
+_PING_REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [^:]+: icmp_seq=(\d+) .*time=([\d.]+) ms(.*)$")
+
+
+@dataclass(frozen=True)
+class EchoReply:
+    """One echo reply as ping printed it: when it arrived (epoch seconds), its sequence number, its RTT."""
+
+    at: float
+    seq: int
+    rtt_ms: float
+    duplicate: bool
+
+    @property
+    def sent_at(self) -> float:
+        return self.at - self.rtt_ms / 1000
+
+
+@dataclass(frozen=True)
+class PingResult:
+    output: str
+    transmitted: int
+    received: int
+    duplicates: int
+    replies: list[EchoReply]
+
+    @property
+    def lost(self) -> int:
+        return self.transmitted - self.received
+
+    def missing(self) -> list[int]:
+        """Sequence numbers sent but never answered."""
+        answered = {r.seq for r in self.replies}
+        return [seq for seq in range(1, self.transmitted + 1) if seq not in answered]
+
+    def summary(self) -> str:
+        missing = self.missing()
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        return (
+            f"{self.transmitted} sent, {self.received} received, {self.duplicates} duplicates"
+            + (f"; no reply to icmp_seq {shown}" if missing else "")
+        )
+
+
+def parse_ping(output: str) -> PingResult:
+    """iputils ``ping -D`` output -> counts and per-reply times (raises OverlayError without a summary)."""
+    match = _PING_SUMMARY.search(output)
+    if not match:
+        raise OverlayError(f"ping printed no summary:\n{output[-2000:]}")
+    replies = []
+    for line in output.splitlines():
+        reply = _PING_REPLY.match(line)
+        if reply:
+            at, seq, rtt, rest = reply.groups()
+            replies.append(EchoReply(float(at), int(seq), float(rtt), "DUP!" in rest))
+    return PingResult(output, int(match.group(1)), int(match.group(2)), int(match.group(3) or 0), replies)
+
+
+class PingRun:
+    """``ping -D -i INTERVAL -c COUNT`` in a lab namespace, its output going to a file (a pipe
+    could fill up and stall it). ``wait()`` returns the parsed result."""
+
+    def __init__(self, lab: Any, role: str, target: str, count: int, interval: float, path: Path) -> None:
+        self.path = path
+        self.target = target
+        argv = ["ping", "-D", "-n", "-c", str(count), "-i", str(interval), "-W", "2", target]
+        with open(path, "wb") as out:
+            self.proc = lab.popen(role, argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        #: Long enough for every request to go out, plus ping's wait for the last replies.
+        self.expected_s = count * interval + 5
+
+    def wait(self, timeout: float | None = None) -> PingResult:
+        try:
+            self.proc.wait(timeout if timeout is not None else self.expected_s + 30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGINT)  # prints the summary of what it did
+            self.proc.wait(5)
+        return parse_ping(self.path.read_text(errors="replace"))
+
+    def stop(self) -> PingResult:
+        """SIGINT now (ping prints its summary) and return the result."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.wait(10)
 
 
 # --- packet capture ----------------------------------------------------------------------

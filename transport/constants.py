@@ -97,6 +97,10 @@ DIRECT_KEEPALIVE_INTERVAL = 1.0
 #: time to reach the relay again).
 DIRECT_DEAD_AFTER = 3.0
 
+#: After an agreed switch from direct to relay, the direct path keeps receiving
+#: this long (frames the peer sent before it switched), then closes.
+DIRECT_RELEASE_LINGER = 1.0
+
 #: After a relay reconnect, a session resumed with its existing keys must hear
 #: from the peer within this time, or a new handshake is made (the peer restarted).
 RESUME_TIMEOUT = 2.0

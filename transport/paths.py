@@ -36,6 +36,8 @@ class PathMsg(IntEnum):
     PROBE_ACK = 2
     SWITCHED = 3
     FALLBACK = 4
+    PREPARE_RELAY = 5  # the sender's user asked for the relay: get onto it, a clean switch follows
+    RETRY_DIRECT = 6  # the sender's user asked for a direct attempt now
 
 
 _PATH = struct.Struct("!B8s")
@@ -80,7 +82,17 @@ class PeerFellBack:
     """The peer went back to the relay path."""
 
 
-PathEvent = PathValidated | PeerSwitched | PeerFellBack
+@dataclass(frozen=True, slots=True)
+class RelayRequested:
+    """The peer asked both sides to move to the relay (a clean, agreed release)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectRequested:
+    """The peer asked for a direct attempt now."""
+
+
+PathEvent = PathValidated | PeerSwitched | PeerFellBack | RelayRequested | DirectRequested
 
 
 class PathSwitch:
@@ -156,6 +168,10 @@ class PathSwitch:
                 return [], []
             self.peer_route = Route.DIRECT
             return [], [PeerSwitched()]
+        if kind is PathMsg.PREPARE_RELAY:
+            return [], [RelayRequested()]
+        if kind is PathMsg.RETRY_DIRECT:
+            return [], [DirectRequested()]
         # FALLBACK
         if self.peer_route is Route.RELAY:
             return [], []

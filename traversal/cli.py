@@ -450,6 +450,25 @@ def _direct_settings(
 # --- status --------------------------------------------------------------------
 
 
+@main.command()
+@click.argument("where", type=click.Choice(["relay", "direct"]))
+@click.option("--control", type=click.Path(), help="The node's control socket [default: the only one running].")
+def path(where: str, control: str | None) -> None:
+    """Move every peer to the relay (agreed with the peer, without loss), or try direct now.
+
+    `path relay` keeps the peers on the relay until `path direct` (no direct retries meanwhile).
+    """
+    try:
+        target = Path(control) if control else find_control_socket()
+        reply = query(target, f"path {where}")
+    except ControlError as exc:
+        raise UserError(str(exc)) from None
+    if "error" in reply:
+        raise UserError(str(reply["error"]))
+    peers = reply.get("peers", [])
+    click.echo(f"asked {len(peers)} peer(s) to move to the {where} path: {', '.join(peers) or '-'}")
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"

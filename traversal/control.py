@@ -1,8 +1,8 @@
 """The local control socket: how `traversal status` asks a running node what it is doing.
 
 A Unix stream socket (mode 0600, so only the node's user can ask). The client
-writes one line with a command (``status``); the node answers one JSON object
-and closes. Requests are bounded; anything else gets ``{"error": ...}``.
+writes one line with a command (``status``, ``path relay``, ``path direct``);
+the node answers one JSON object and closes. Requests are bounded; anything else gets ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -43,9 +43,14 @@ def _socket_is_live(path: Path) -> bool:
 class ControlServer:
     """Serves ``status`` from a callback that returns a JSON-able dict."""
 
-    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        status: Callable[[], dict[str, Any]],
+        commands: dict[str, Callable[[], dict[str, Any]]] | None = None,
+    ) -> None:
         self.path = path
-        self._status = status
+        self._commands: dict[str, Callable[[], dict[str, Any]]] = {"status": status, **(commands or {})}
         self._server: asyncio.base_events.Server | None = None
         self._created = False  # only a socket we made is ours to remove
 
@@ -72,10 +77,12 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), 5.0)
             command = line[:MAX_REQUEST].decode("utf-8", "replace").strip()
-            if command == "status":
-                reply: dict[str, Any] = self._status()
+            handler = self._commands.get(command)
+            if handler is not None:
+                reply: dict[str, Any] = handler()
             else:
-                reply = {"error": f"unknown command {command[:40]!r}; try 'status'"}
+                known = ", ".join(sorted(self._commands))
+                reply = {"error": f"unknown command {command[:40]!r}; known: {known}"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):

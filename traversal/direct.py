@@ -24,9 +24,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transport.certs import make_session_certificate
-from transport.constants import DIRECT_DEAD_AFTER, DIRECT_KEEPALIVE_INTERVAL, ICE_GATHER_TIMEOUT
+from transport.constants import (
+    DIRECT_DEAD_AFTER,
+    DIRECT_KEEPALIVE_INTERVAL,
+    DIRECT_RELEASE_LINGER,
+    ICE_GATHER_TIMEOUT,
+)
 from transport.frames import MsgType
-from transport.paths import PathError, PathValidated, PeerFellBack, PeerSwitched
+from transport.paths import (
+    DirectRequested,
+    PathError,
+    PathMsg,
+    PathValidated,
+    PeerFellBack,
+    PeerSwitched,
+    RelayRequested,
+    encode_path,
+)
 from transport.wsquic import (
     Connected,
     ConnectionClosed,
@@ -178,6 +192,8 @@ class DirectPathManager:
         self._established_at = self._loop.time()
         self.next_retry_at: float | None = None
         self._keepalive: asyncio.TimerHandle | None = None
+        #: The user asked for the relay (`traversal path relay`): no attempts until asked otherwise.
+        self.pinned_relay = False
 
     # --- entry points ------------------------------------------------------------------
 
@@ -220,7 +236,17 @@ class DirectPathManager:
             elif isinstance(event, PeerFellBack):
                 log_event(log, "peer_fell_back", peer=self.link.peer_name, session=self.link.sid)
                 if self.state == "direct":
-                    self._direct_lost("the peer fell back to the relay")
+                    # After an agreed release the peer's last direct frames may still be in
+                    # flight: keep receiving on the direct path a moment (make-before-break).
+                    self._direct_lost("the peer moved to the relay", linger=DIRECT_RELEASE_LINGER)
+            elif isinstance(event, RelayRequested):
+                log_event(log, "relay_requested", peer=self.link.peer_name, session=self.link.sid, by="peer")
+                self.pinned_relay = True
+                self._on_change(self.link)
+            elif isinstance(event, DirectRequested):
+                self.pinned_relay = False
+                if self.controlling and self.state != "direct":
+                    self._begin(self.attempt + 1)
 
     def send_direct(self, wire: list[bytes]) -> int:
         """Send wire frames on the direct carriage; returns how many were dropped."""
@@ -404,7 +430,34 @@ class DirectPathManager:
         self._send_direct_path(self.link.paths.keepalive(now), now)
         self._keepalive = self._loop.call_later(DIRECT_KEEPALIVE_INTERVAL, self._keepalive_tick)
 
-    def _direct_lost(self, reason: str) -> None:
+    def request_relay(self) -> None:
+        """The user wants the relay: tell the peer, then switch cleanly once the relay is ready (node)."""
+        self.pinned_relay = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+            self.next_retry_at = None
+        now = self._loop.time()
+        self._send_direct_path([encode_path(PathMsg.PREPARE_RELAY, bytes(8))], now)
+
+    def request_direct(self) -> None:
+        """The user wants a direct attempt now (the controlling side runs attempts)."""
+        self.pinned_relay = False
+        if self.state == "direct":
+            return
+        if self.controlling:
+            self._begin(self.attempt + 1)
+        else:
+            wire = self.link.seal_record(MsgType.PATH, encode_path(PathMsg.RETRY_DIRECT, bytes(8)), self._loop.time())
+            if wire is not None:
+                self._send_relay([wire])
+
+    def release_direct(self) -> None:
+        """Clean switch to the relay (the relay path is ready): FALLBACK, then close after a linger."""
+        if self.state == "direct":
+            self._direct_lost("released on request", linger=DIRECT_RELEASE_LINGER)
+
+    def _direct_lost(self, reason: str, linger: float = 0.0) -> None:
         """The direct path is gone: traffic returns to the relay, and the direct path is retried."""
         if self._keepalive is not None:
             self._keepalive.cancel()
@@ -415,15 +468,24 @@ class DirectPathManager:
         # Best effort: tell the peer on the direct path (it may still work one way).
         fallback = self.link.paths.direct_down()
         self._send_direct_path(fallback, lost_at)
-        carriage, self.carriage = self.carriage, None
+        carriage = self.carriage
         if carriage is not None:
-            self._loop.create_task(carriage.close(reason))
-        log_event(
-            log, "path", logging.WARNING, peer=self.link.peer_name, session=self.link.sid, path="relay", reason=reason
-        )
+            if linger > 0:
+                # Still receiving (frames the peer sent before it switched), no longer sending.
+                self._loop.call_later(linger, self._close_lingering, carriage, reason)
+            else:
+                self.carriage = None
+                self._loop.create_task(carriage.close(reason))
+        level = logging.INFO if linger else logging.WARNING
+        log_event(log, "path", level, peer=self.link.peer_name, session=self.link.sid, path="relay", reason=reason)
         self._on_change(self.link)
-        if self.controlling:
+        if self.controlling and not self.pinned_relay:
             self._schedule_retry(self.attempt + 1)
+
+    def _close_lingering(self, carriage: DirectCarriage, reason: str) -> None:
+        if self.carriage is carriage:
+            self.carriage = None
+        self._loop.create_task(carriage.close(reason))
 
     def _schedule_retry(self, attempt: int) -> None:
         retry_in = self.settings.retry
@@ -462,4 +524,5 @@ class DirectPathManager:
             "remote_candidate": f"{pair.remote.host}:{pair.remote.port} {pair.remote.type}" if pair else None,
             "time_to_direct_s": round(self.time_to_direct, 3) if self.time_to_direct is not None else None,
             "next_retry_in_s": round(self.next_retry_at - self._loop.time(), 1) if self.next_retry_at else None,
+            "pinned_relay": self.pinned_relay,
         }

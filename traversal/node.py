@@ -107,7 +107,11 @@ class Node:
         self._stop = asyncio.Event()
         self._unpark = asyncio.Event()  # set when the relay is needed again after we let it go
         self._parked = False
-        self._control = ControlServer(config.control_path, self.status)
+        self._control = ControlServer(
+            config.control_path,
+            self.status,
+            {"path relay": lambda: self.request_path("relay"), "path direct": lambda: self.request_path("direct")},
+        )
         overlay_ip = str(ipaddress.ip_interface(config.address).ip)
         config.direct.exclude_addresses = config.direct.exclude_addresses | {overlay_ip}
 
@@ -374,6 +378,8 @@ class Node:
                 self.tap.write(eth)
         if link.state is LinkState.CLOSED:
             self._forget_link(link.session_id)
+        elif link.resumed_at == now:
+            self._check_pinned(link)
         self._wake.set()
 
     def _on_direct_frame(self, link: PeerLink, wire: bytes) -> None:
@@ -383,9 +389,12 @@ class Node:
         except frames.FrameError as exc:
             log_event(log, "direct_frame_dropped", logging.WARNING, peer=link.peer_name, reason=str(exc))
             return
-        if not isinstance(frame, frames.SessionFrame) or frame.session_id != link.session_id:
-            log_event(log, "direct_frame_dropped", logging.WARNING, peer=link.peer_name, reason="not this session")
+        if not isinstance(frame, frames.SessionFrame):
+            log_event(log, "direct_frame_dropped", logging.WARNING, peer=link.peer_name, reason="not a session frame")
             return
+        # The carriage belongs to this link alone, so the relay session id in the frame's
+        # header does not matter here (it changes when the relay session is rebound, and
+        # the two ends rebind at slightly different times); the session authenticates it.
         if self.links.get(link.session_id) is link:
             self._on_session_frame(link, frame, self._loop.time())
 
@@ -435,7 +444,7 @@ class Node:
             self.direct[session_id] = manager
         self._send_relay(link.rebind(session_id, now))
         if link.paths.route is Route.DIRECT:
-            self._on_path_change(link)  # release our direction of the new relay session at once
+            self._on_path_change(link)  # release the new relay session at once, unless the relay was asked for
         self._wake.set()
 
     def _on_established(self, frame: frames.Established, now: float) -> None:
@@ -448,6 +457,7 @@ class Node:
         if link.state is LinkState.ESTABLISHED:
             self._supersede(link)
             self._start_direct(link, frame)
+            self._check_pinned(link)
         self._wake.set()
 
     def _supersede(self, link: PeerLink) -> None:
@@ -489,6 +499,13 @@ class Node:
     def _on_path_change(self, link: PeerLink) -> None:
         """A link's path changed: release our relay direction, maybe let the relay go, or get it back."""
         session_id = link.session_id
+        manager = self.direct.get(session_id)
+        if manager is not None and manager.pinned_relay:
+            # The relay was asked for: get onto it (keeping the direct path until it is ready).
+            if session_id in self.released or self.relay is None:
+                self._need_relay()
+            self._check_pinned(link)
+            return
         if link.paths.route is Route.DIRECT:
             if session_id not in self.released and self.relay is not None:
                 self.released.add(session_id)
@@ -505,11 +522,44 @@ class Node:
             log_event(log, "relay_needed", peer=link.peer_name, session=link.sid, reason=reason)
             self._need_relay()
 
+    def _check_pinned(self, link: PeerLink) -> None:
+        """Make-before-break to the relay: switch only once the relay session works both ways."""
+        manager = self.direct.get(link.session_id)
+        if manager is None or not manager.pinned_relay or link.paths.route is not Route.DIRECT:
+            return
+        relay_ready = (
+            self.relay is not None
+            and link.session_id not in self.released
+            and link.state is LinkState.ESTABLISHED
+            and not link.resuming
+        )
+        if relay_ready:
+            manager.release_direct()
+
+    def request_path(self, kind: str) -> dict[str, Any]:
+        """`traversal path relay|direct`: an agreed move of every peer to the relay, or a direct attempt now."""
+        peers = []
+        for link in list(self.links.values()):
+            manager = self.direct.get(link.session_id)
+            if manager is None:
+                continue
+            if kind == "relay":
+                log_event(log, "relay_requested", peer=link.peer_name, session=link.sid, by="user")
+                manager.request_relay()
+                self._on_path_change(link)
+            else:
+                log_event(log, "direct_requested", peer=link.peer_name, session=link.sid, by="user")
+                manager.request_direct()
+            peers.append(link.peer_name)
+        return {"ok": True, "path": kind, "peers": peers}
+
     def _maybe_park_relay(self) -> None:
         """The seed: once the peers are direct, the relay connection is closed (unless kept as standby)."""
         if self.config.direct.standby != "close" or self.relay is None or self._parked:
             return
         if not self.links or not all(link.paths.both_direct for link in self.links.values()):
+            return
+        if any(manager.pinned_relay for manager in self.direct.values()):
             return
         self._parked = True
         log_event(log, "relay_closed", reason="every peer is direct", peers=len(self.links))

@@ -121,6 +121,7 @@ class PeerLink:
         self._handshake_deadline: float | None = None
         self._restart_pending = False
         self._resume_deadline: float | None = None  # set while a rebound session awaits proof of life
+        self.resumed_at: float | None = None
         self.paths = PathSwitch()
         #: Called with CANDIDATES and PATH records (the direct-path manager's business).
         self.on_record: Callable[[MsgType, bytes], None] | None = None
@@ -240,6 +241,11 @@ class PeerLink:
         log_event(log, "session_resume", peer=self.peer_name, session=self.sid, e2e=self.session_tag)
         return [frames.encode(frames.Ready(session_id)), *self._drain()]
 
+    @property
+    def resuming(self) -> bool:
+        """A rebound session still waits for the peer's proof that it holds the keys."""
+        return self._resume_deadline is not None
+
     # --- relay signals -----------------------------------------------------------
 
     def on_established(self, est: frames.Established, now: float) -> None:
@@ -333,6 +339,7 @@ class PeerLink:
         events = session.receive(frame.type, frame.payload, now)
         if self._resume_deadline is not None and session.stats.rx_records > before:
             self._resume_deadline = None  # the peer answered under our keys: resumed
+            self.resumed_at = now
             log_event(log, "session_resumed", peer=self.peer_name, session=self.sid, e2e=self.session_tag)
         return self._drain(), self._handle_events(events, now)
 
