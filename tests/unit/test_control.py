@@ -174,3 +174,30 @@ def test_close_removes_the_socket_file(tmp_path: Path) -> None:
             await ask(path)
 
     run(scenario())
+
+
+def test_extra_commands_are_dispatched_by_their_full_line(tmp_path: Path) -> None:
+    path = tmp_path / "tap0.sock"
+    asked: list[str] = []
+
+    def path_command(where: str) -> dict[str, Any]:
+        asked.append(where)
+        return {"ok": True, "path": where}
+
+    async def scenario() -> None:
+        server = ControlServer(
+            path,
+            lambda: STATUS,
+            {"path relay": lambda: path_command("relay"), "path direct": lambda: path_command("direct")},
+        )
+        await server.start()
+        try:
+            assert await ask(path, "path relay") == {"ok": True, "path": "relay"}
+            assert await ask(path, "path direct") == {"ok": True, "path": "direct"}
+            reply = await ask(path, "path sideways")
+            assert "path relay" in reply["error"] and "path direct" in reply["error"]
+            assert asked == ["relay", "direct"]
+        finally:
+            await server.close()
+
+    run(scenario())
