@@ -384,9 +384,8 @@ class PingResult:
     def summary(self) -> str:
         missing = self.missing()
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-        return (
-            f"{self.transmitted} sent, {self.received} received, {self.duplicates} duplicates"
-            + (f"; no reply to icmp_seq {shown}" if missing else "")
+        return f"{self.transmitted} sent, {self.received} received, {self.duplicates} duplicates" + (
+            f"; no reply to icmp_seq {shown}" if missing else ""
         )
 
 

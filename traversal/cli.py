@@ -43,26 +43,32 @@ class UserError(click.ClickException):
         click.echo(f"traversal: error: {self.message}", err=True)
 
 
+def option_types(command: click.Command) -> dict[str, type | tuple[type, ...]]:
+    """What TOML type each of a command's options takes in a config file."""
+    allowed: dict[str, type | tuple[type, ...]] = {}
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.name in (None, "config", "verbose"):
+            continue
+        if param.multiple:
+            allowed[param.name] = list
+        elif param.is_flag:
+            allowed[param.name] = bool
+        elif isinstance(param.type, click.types.IntParamType):
+            allowed[param.name] = int
+        elif isinstance(param.type, click.types.FloatParamType):
+            allowed[param.name] = (int, float)
+        else:
+            allowed[param.name] = str
+    return allowed
+
+
 def _config_callback(section: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
     """Eager --config: load the TOML table into ctx.default_map so flags still win."""
 
     def callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
         if value is None:
             return
-        allowed: dict[str, type | tuple[type, ...]] = {}
-        for param in ctx.command.params:
-            if not isinstance(param, click.Option) or param.name in (None, "config", "verbose"):
-                continue
-            if param.multiple:
-                allowed[param.name] = list
-            elif param.is_flag:
-                allowed[param.name] = bool
-            elif isinstance(param.type, click.types.IntParamType):
-                allowed[param.name] = int
-            elif isinstance(param.type, click.types.FloatParamType):
-                allowed[param.name] = (int, float)
-            else:
-                allowed[param.name] = str
+        allowed = option_types(ctx.command)
         try:
             ctx.default_map = load_section(Path(value), section, allowed)
         except ConfigError as exc:
@@ -562,19 +568,7 @@ def _probe_config(ctx: click.Context, _param: click.Parameter, value: str | None
     """
     if value is None:
         return
-    allowed: dict[str, type | tuple[type, ...]] = {"stun": str}
-    for param in connect.params:
-        if isinstance(param, click.Option) and param.name not in (None, "config", "verbose"):
-            if param.multiple:
-                allowed[param.name] = list
-            elif param.is_flag:
-                allowed[param.name] = bool
-            elif isinstance(param.type, click.types.IntParamType):
-                allowed[param.name] = int
-            elif isinstance(param.type, click.types.FloatParamType):
-                allowed[param.name] = (int, float)
-            else:
-                allowed[param.name] = str
+    allowed = {"stun": str, **option_types(connect)}
     try:
         table = load_section(Path(value), "connect", allowed)
     except ConfigError as exc:

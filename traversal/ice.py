@@ -104,7 +104,15 @@ from traversal.candidates import (
 )
 from traversal.logfmt import log_event
 from traversal.probe import SEQUENTIAL, classify_allocation
-from traversal.stun import Address, StunClass, StunMessage, format_address, normalize_address, retransmit_schedule
+from traversal.stun import (
+    Address,
+    StunClass,
+    StunMessage,
+    format_address,
+    normalize_address,
+    retransmit_schedule,
+    route_source,
+)
 
 log = logging.getLogger("traversal.ice")
 
@@ -430,7 +438,7 @@ class _IceConnection(Connection):
         eligible = [s for s in sockets if ipaddress.ip_address(s.local_candidate.host).version == version]
         if not eligible:
             return []
-        source = _route_source(server)
+        source = route_source(server)
         primary = next((s for s in eligible if s.local_candidate.host == source), eligible[0])
         self.primary = primary
         results: list[Candidate] = []
@@ -569,17 +577,6 @@ class _IceConnection(Connection):
             if pair.state == CandidatePair.State.SUCCEEDED:
                 succeeded += 1
         return started, succeeded
-
-
-def _route_source(server: Address) -> str | None:
-    """The local address the kernel would send from towards ``server`` (sends nothing)."""
-    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(server)
-        except OSError:
-            return None
-        return normalize_address(probe.getsockname())[0]
 
 
 def _is_alternate(primary: Address, other: Address) -> bool:

@@ -36,6 +36,7 @@ from traversal.stun import (
     binding_request,
     format_address,
     normalize_address,
+    route_source,
     stun_request,
 )
 
@@ -438,17 +439,6 @@ async def _resolve(host: str, port: int) -> tuple[Address | None, Address | None
     return v4, v6
 
 
-def _route_source(server: Address) -> str | None:
-    """The local IP the kernel would use towards ``server`` (a UDP connect sends nothing)."""
-    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(server)
-        except OSError:
-            return None
-        return normalize_address(sock.getsockname())[0]
-
-
 class _IcmpWatch(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.refused = asyncio.get_running_loop().create_future()
@@ -543,7 +533,7 @@ async def run_probe(options: ProbeOptions) -> ProbeResult:
 
 async def _run(probe: _Probe, extra_v6: Address | None) -> None:
     result, options, primary = probe.result, probe.options, probe.primary
-    local_ip = _route_source(primary)
+    local_ip = route_source(primary)
     if local_ip is None:
         result.notes.append(f"no route to {format_address(primary)} from this host")
         _finish(result)

@@ -526,6 +526,17 @@ def normalize_address(addr: Sequence[object]) -> Address:
     return host, port
 
 
+def route_source(server: Address) -> str | None:
+    """The local IP the kernel would send from towards ``server`` (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(server)
+        except OSError:
+            return None
+        return normalize_address(sock.getsockname())[0]
+
+
 def format_address(addr: Address) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
