@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the lab, the TAP device and the tests need.
-APT_PACKAGES := nftables iproute2 iputils-ping tcpdump procps psmisc python3-venv python3-dev gcc coturn
+APT_PACKAGES := nftables iproute2 iputils-ping tcpdump procps psmisc python3-venv python3-dev gcc coturn conntrack
 
 NAT_A ?= cone
 NAT_B ?= cone
@@ -20,7 +20,7 @@ DELAY_B ?=
 RELAY_DELAY_A ?=
 RELAY_DELAY_B ?=
 
-.PHONY: all install system-packages test unit lint demo lab-up lab-down lab-status clean
+.PHONY: all install system-packages test unit lint demo bench lab-up lab-down lab-status clean
 
 all: test
 
@@ -63,6 +63,15 @@ unit: install
 demo: install
 	@$(MAKE) --no-print-directory system-packages
 	$(PY) netns-lab/demo.py --nat-a $(NAT_A) --nat-b $(NAT_B)
+
+# The benchmarks (root, in the lab): time to direct per NAT pair, then the relay -> direct switch
+# under the seed's geography (its RTT plot needs matplotlib: the "bench" extra). Reports go to bench/.
+bench: install
+	@$(MAKE) --no-print-directory system-packages
+	@$(PY) -c "import matplotlib" 2>/dev/null || { echo "==> installing the bench extras (matplotlib)"; \
+	  $(PY) -m pip install -q -e '.[bench]'; }
+	$(PY) bench/time_to_direct.py
+	$(PY) bench/switch.py
 
 lab-up: install
 	$(PY) netns-lab/lab.py up --nat-a $(NAT_A) --nat-b $(NAT_B) $(if $(PREFIX),--prefix $(PREFIX)) \

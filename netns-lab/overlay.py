@@ -9,6 +9,7 @@ its log with a deadline, never by sleeping and hoping.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import re
@@ -255,6 +256,11 @@ class Overlay:
 
         return wait_until(ready, timeout, f"{name} to have an established peer")
 
+    def request_path(self, name: str, peer: str, where: str) -> str:
+        """``traversal path relay|direct`` against node ``name``; returns its one-line answer."""
+        proc = self.lab.run(f"host-{peer}", *TRAVERSAL, "path", where, "--control", str(self.control(name)), timeout=15)
+        return proc.stdout.strip()
+
     def wait_status(
         self, name: str, peer: str, predicate: Callable[[dict[str, Any]], Any], timeout: float, what: str
     ) -> Any:
@@ -270,6 +276,20 @@ class Overlay:
     def log_count(self, name: str, needle: str) -> int:
         """How many lines of ``name``'s log contain ``needle``."""
         return sum(needle in line for line in self.log_text(name).splitlines())
+
+    def log_times(self, name: str, needle: str) -> list[float]:
+        """When (epoch seconds) each line of ``name``'s log containing ``needle`` was logged; needs
+        ``command=TRAVERSAL_PRECISE_LOG``, whose lines start with that timestamp."""
+        times = []
+        for line in self.log_text(name).splitlines():
+            if needle in line:
+                stamp = line.split(" ", 1)[0]
+                try:
+                    times.append(float(stamp))
+                except ValueError:
+                    why = "carry no epoch timestamp: start it with TRAVERSAL_PRECISE_LOG"
+                    raise OverlayError(f"{name}'s log lines {why}") from None
+        return times
 
     def wait_log(self, name: str, needle: str, timeout: float, *, count: int = 1, interval: float = 0.005) -> None:
         """Wait until ``count`` lines of ``name``'s log contain ``needle`` (reading a file is cheap,
@@ -381,6 +401,25 @@ class PingResult:
         answered = {r.seq for r in self.replies}
         return [seq for seq in range(1, self.transmitted + 1) if seq not in answered]
 
+    def sent_at(self, seq: int) -> float:
+        """When echo request ``seq`` left (epoch seconds): from its reply if it has one, else
+        interpolated between the nearest answered requests (ping sends at a steady interval)."""
+        sent = sorted({r.seq: r.sent_at for r in self.replies if not r.duplicate}.items())
+        if not sent:
+            raise OverlayError("no echo request was answered: send times are unknown")
+        seqs = [s for s, _ in sent]
+        if len(sent) == 1:
+            return sent[0][1]
+        # The two answered requests around seq (or the two nearest, at either end).
+        right = min(max(1, bisect.bisect_left(seqs, seq)), len(sent) - 1)
+        (s0, t0), (s1, t1) = sent[right - 1], sent[right]
+        return t0 + (seq - s0) * (t1 - t0) / (s1 - s0)
+
+    def missing_outside(self, windows: Iterable[tuple[float, float]]) -> list[int]:
+        """Unanswered requests sent outside every ``(start, end)`` window (epoch seconds)."""
+        spans = list(windows)
+        return [seq for seq in self.missing() if not any(start <= self.sent_at(seq) <= end for start, end in spans)]
+
     def summary(self) -> str:
         missing = self.missing()
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
@@ -423,6 +462,15 @@ class PingRun:
             self.proc.send_signal(signal.SIGINT)  # prints the summary of what it did
             self.proc.wait(5)
         return parse_ping(self.path.read_text(errors="replace"))
+
+    def answered(self) -> int:
+        """Echo replies printed so far (ping still running)."""
+        text = self.path.read_text(errors="replace") if self.path.exists() else ""
+        return sum(1 for line in text.splitlines() if _PING_REPLY.match(line))
+
+    def wait_answered(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` replies came back: the ping is really flowing."""
+        wait_until(lambda: self.answered() >= count, timeout, f"{count} echo replies from {self.target}", 0.02)
 
     def stop(self) -> PingResult:
         """SIGINT now (ping prints its summary) and return the result."""
