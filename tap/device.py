@@ -54,7 +54,7 @@ class TapDevice:
     interface when ``close()`` drops the last file descriptor.
     """
 
-    def __init__(self, name: str, *, mtu: int, address: str | None = None) -> None:
+    def __init__(self, name: str, *, mtu: int, address: str | None = None, hwaddr: bytes | None = None) -> None:
         if not name or len(name.encode()) > MAX_NAME:
             raise TapError(f"bad TAP name {name!r}: 1 to {MAX_NAME} bytes")
         if not 68 <= mtu <= 65535:
@@ -75,6 +75,10 @@ class TapDevice:
         except OSError as exc:  # pytun.Error is an OSError
             raise _open_error(name, exc) from exc
         try:
+            if hwaddr is not None:
+                if len(hwaddr) != 6:
+                    raise OSError(f"a MAC address is 6 bytes, got {len(hwaddr)}")
+                self._dev.hwaddr = hwaddr
             self._dev.mtu = mtu
             if interface is not None:
                 self._dev.addr = str(interface.ip)

@@ -177,6 +177,7 @@ class DirectPathManager:
         self._observed_ip = observed_peer_ip
         self._loop = asyncio.get_running_loop()
         self.controlling = link.initiator
+        self.session_tag = link.session_tag  # the end-to-end session this manager serves
         self.state = "idle"
         self.attempt = 0
         self.attempts_made = 0
@@ -212,6 +213,7 @@ class DirectPathManager:
             log_event(log, "candidates_rejected", logging.WARNING, peer=self.link.peer_name, reason=str(exc))
             return
         if not self.controlling and offer.attempt > self.attempt:
+            self.pinned_relay = False  # a new attempt means the pin was lifted on the other side
             self._begin(offer.attempt)  # the controlling side started a new attempt: follow it
         future = self._offers.get(offer.attempt)
         if future is not None and not future.done():
@@ -245,7 +247,7 @@ class DirectPathManager:
                 self._on_change(self.link)
             elif isinstance(event, DirectRequested):
                 self.pinned_relay = False
-                if self.controlling and self.state != "direct":
+                if self.controlling and self.state != "direct" and not (self._task and not self._task.done()):
                     self._begin(self.attempt + 1)
 
     def send_direct(self, wire: list[bytes]) -> int:
@@ -441,16 +443,16 @@ class DirectPathManager:
         self._send_direct_path([encode_path(PathMsg.PREPARE_RELAY, bytes(8))], now)
 
     def request_direct(self) -> None:
-        """The user wants a direct attempt now (the controlling side runs attempts)."""
+        """The user wants a direct attempt now: unpin both sides; the controlling side runs it."""
         self.pinned_relay = False
         if self.state == "direct":
             return
+        # Tell the peer in any case: it may still be pinned to the relay by an earlier request.
+        wire = self.link.seal_record(MsgType.PATH, encode_path(PathMsg.RETRY_DIRECT, bytes(8)), self._loop.time())
+        if wire is not None:
+            self._send_relay([wire])
         if self.controlling:
             self._begin(self.attempt + 1)
-        else:
-            wire = self.link.seal_record(MsgType.PATH, encode_path(PathMsg.RETRY_DIRECT, bytes(8)), self._loop.time())
-            if wire is not None:
-                self._send_relay([wire])
 
     def release_direct(self) -> None:
         """Clean switch to the relay (the relay path is ready): FALLBACK, then close after a linger."""

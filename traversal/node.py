@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import time
@@ -41,7 +42,7 @@ from transport.constants import (
 )
 from transport.frames import MsgType
 from transport.identity import encode_public, public_bytes, short_id
-from transport.paths import Route
+from transport.paths import PathSwitch, Route
 from traversal.control import ControlServer
 from traversal.direct import DirectPathManager, DirectSettings
 from traversal.logfmt import log_event
@@ -55,6 +56,16 @@ SEND_QUEUE_FRAMES = 2048
 
 #: Frame types that belong to the relay connection whatever path a link uses.
 _RELAY_ONLY = frozenset({MsgType.READY, MsgType.RELEASE, MsgType.HANDSHAKE})
+
+
+def stable_mac(identity: bytes) -> bytes:
+    """A locally administered unicast MAC derived from the identity.
+
+    A restarted node keeps its MAC, so its peers' ARP caches stay right
+    (a random MAC per start leaves them pointing at a MAC that no longer exists).
+    """
+    digest = hashlib.sha256(b"traversal tap mac\x00" + identity).digest()
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
 class NodeError(Exception):
@@ -123,7 +134,7 @@ class Node:
     async def run(self) -> None:
         """Run until :meth:`stop`; raises :class:`NodeError` on a fatal condition."""
         cfg = self.config
-        self.tap = TapDevice(cfg.tap_name, mtu=DEFAULT_MTU, address=cfg.address)
+        self.tap = TapDevice(cfg.tap_name, mtu=DEFAULT_MTU, address=cfg.address, hwaddr=stable_mac(self.identity_raw))
         self.tap.start(self._loop, self._on_tap_frames)
         log_event(log, "tap_up", tap=self.tap.name, address=cfg.address, mtu=DEFAULT_MTU)
         try:
@@ -380,6 +391,15 @@ class Node:
             self._forget_link(link.session_id)
         elif link.resumed_at == now:
             self._check_pinned(link)
+        elif link.state is LinkState.ESTABLISHED and link.established is not None:
+            manager = self.direct.get(link.session_id)
+            if manager is not None and manager.session_tag != link.session_tag:
+                # A new handshake replaced the session (the peer restarted): the old
+                # direct-path state (attempt numbers, QUIC connection) belongs to it.
+                self.direct.pop(link.session_id, None)
+                self._loop.create_task(manager.close())
+                link.paths = PathSwitch()
+                self._start_direct(link, link.established)
         self._wake.set()
 
     def _on_direct_frame(self, link: PeerLink, wire: bytes) -> None:

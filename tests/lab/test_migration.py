@@ -386,7 +386,7 @@ def test_restarted_peer_gets_a_new_session_and_the_relay_no_stale_state(geo: Cal
         _wait_log(run, "a", "event=peer_left", 15)
     new = {name: wait_path(run, name, 45)["e2e_session"] for name in ("a", "b")}
     assert new["a"] == new["b"] != old["a"], (old, new)
-    # b's new TAP has a new MAC address; a learns it from b's ARP request (see the xfail below).
+    # b's TAP keeps the MAC derived from its identity, so a's ARP entry stays right.
     _ping_ok(run, "b")
     _ping_ok(run, "a")
     in_use = 0 if path == "direct" else 1
@@ -403,11 +403,6 @@ def test_restarted_peer_gets_a_new_session_and_the_relay_no_stale_state(geo: Cal
     _assert_alive(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a restarted node's TAP gets a new random MAC and announces nothing, so the other side "
-    "keeps sending to the old MAC until its neighbour entry expires (about 40 s in the lab)",
-)
 def test_survivor_reaches_a_restarted_peer_before_it_speaks(geo: Callable[..., Any]) -> None:
     run = geo()
     run.start_peers(["--no-direct"])
@@ -583,7 +578,7 @@ def test_agreed_release_to_the_relay_loses_nothing(geo: Callable[..., Any]) -> N
     """``traversal path relay`` on a while both sides ping every 10 ms: the pair moves to the relay
     make-before-break (same session, new relay session, no retries while pinned) without losing an
     echo request. ``traversal path direct`` on the controlled side then takes it back, again
-    without loss (on the controlling side it does not work yet: see the xfail below)."""
+    without loss (and from the controlling side, tested below)."""
     run = geo()
     run.start_peers()
     e2e = {name: _wait_direct(run, name)["e2e_session"] for name in ("a", "b")}
@@ -611,11 +606,6 @@ def test_agreed_release_to_the_relay_loses_nothing(geo: Callable[..., Any]) -> N
     _assert_alive(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `path direct` on the controlling side does not clear the pin that the peer's earlier "
-    "`path relay` left on the controlled side, which releases the new direct path at once",
-)
 def test_path_direct_on_the_controlling_side_after_a_release(geo: Callable[..., Any]) -> None:
     run = geo()
     run.start_peers()
