@@ -535,6 +535,11 @@ def status(control: str | None, as_json: bool) -> None:
     click.echo("")
     for p in peers:
         click.echo(f"{p.get('name', '?')}  {_direct_summary(p.get('direct'))}")
+        for switch in (p.get("direct") or {}).get("history", [])[-5:]:
+            click.echo(
+                f"    {switch.get('at')}  -> {switch.get('path'):<6}  {switch.get('reason')}"
+                f" ({switch.get('took_ms', 0):.0f} ms)"
+            )
 
 
 def _direct_summary(direct: dict[str, Any] | None) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +58,9 @@ from traversal.logfmt import log_event
 from traversal.peer import PeerLink
 
 log = logging.getLogger("traversal.direct")
+
+#: Path switches kept per peer for `traversal status`.
+PATH_HISTORY = 8
 
 
 @dataclass
@@ -195,6 +200,8 @@ class DirectPathManager:
         self._keepalive: asyncio.TimerHandle | None = None
         #: The user asked for the relay (`traversal path relay`): no attempts until asked otherwise.
         self.pinned_relay = False
+        #: The last few path switches, newest last, for `traversal status`.
+        self.history: deque[dict[str, object]] = deque(maxlen=PATH_HISTORY)
 
     # --- entry points ------------------------------------------------------------------
 
@@ -353,6 +360,8 @@ class DirectPathManager:
         self.last_error = None
         self.time_to_direct = self._loop.time() - self._established_at
         self._keepalive = self._loop.call_later(DIRECT_KEEPALIVE_INTERVAL, self._keepalive_tick)
+        took_ms = (self._loop.time() - started) * 1000
+        self._record("direct", f"validated both ways (attempt {attempt})", took_ms)
         log_event(
             log,
             "path",
@@ -478,6 +487,9 @@ class DirectPathManager:
             else:
                 self.carriage = None
                 self._loop.create_task(carriage.close(reason))
+        # How long the switch took: from the last sign of life of the direct path (a cut) or now.
+        took_ms = (lost_at - self.link.paths.last_ack) * 1000 if not linger else 0.0
+        self._record("relay", reason, took_ms)
         level = logging.INFO if linger else logging.WARNING
         log_event(log, "path", level, peer=self.link.peer_name, session=self.link.sid, path="relay", reason=reason)
         self._on_change(self.link)
@@ -513,6 +525,16 @@ class DirectPathManager:
         wire = [w for w in (self.link.seal_record(MsgType.PATH, m, now) for m in messages) if w is not None]
         self.send_direct(wire)
 
+    def _record(self, path: str, reason: str, took_ms: float) -> None:
+        self.history.append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "path": path,
+                "reason": reason,
+                "took_ms": round(took_ms, 1),
+            }
+        )
+
     # --- status --------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
@@ -527,4 +549,5 @@ class DirectPathManager:
             "time_to_direct_s": round(self.time_to_direct, 3) if self.time_to_direct is not None else None,
             "next_retry_in_s": round(self.next_retry_at - self._loop.time(), 1) if self.next_retry_at else None,
             "pinned_relay": self.pinned_relay,
+            "history": list(self.history),
         }

@@ -325,6 +325,10 @@ def test_direct_path_cut_falls_back_to_the_relay_and_returns(geo: Callable[..., 
     for name in ("a", "b"):
         assert _wait_direct(run, name)["e2e_session"] == e2e[name]
         assert run.log_count(name, "event=relay_released") == 2
+        # The operator view: status keeps the last switches, with their reasons and durations.
+        history = _peer(run.status(name, name))["direct"]["history"]
+        assert [h["path"] for h in history] == ["direct", "relay", "direct"], history
+        assert "no answer on the direct path" in history[1]["reason"] and history[1]["took_ms"] >= 2000
     results, in_flight = _stop_pings(pings)
     _assert_lost_only_within(run, results, [(cut_at - IN_FLIGHT_S, resumed_at + IN_FLIGHT_S), in_flight])
     _ping_ok(run, "b")
