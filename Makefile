@@ -55,7 +55,7 @@ lint: install
 test: install
 	@$(MAKE) --no-print-directory system-packages
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra --durations=15
 
 unit: install
 	$(VENV)/bin/pytest -q -ra tests/unit
