@@ -182,15 +182,24 @@ class NetTool:
         return json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="session")
-def lab_module() -> ModuleType:
-    """netns-lab/lab.py as a module (its directory name is not importable)."""
-    spec = importlib.util.spec_from_file_location("traversal_netns_lab", LAB_PATH)
-    assert spec is not None and spec.loader is not None, f"cannot load {LAB_PATH}"
+def load_netns_module(name: str) -> ModuleType:
+    """A module of netns-lab/ (lab, overlay, ...): its directory name is not importable."""
+    module_name = f"traversal_netns_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = REPO / "netns-lab" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None, f"cannot load {path}"
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def lab_module() -> ModuleType:
+    """netns-lab/lab.py as a module."""
+    return load_netns_module("lab")
 
 
 @pytest.fixture(scope="session")

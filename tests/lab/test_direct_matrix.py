@@ -16,10 +16,8 @@ about a second more), so cases cannot disturb each other. Which side controls th
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -27,21 +25,14 @@ from typing import Any
 
 import pytest
 
+from tests.lab.conftest import load_netns_module
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.lab
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"traversal_netns_{name}", REPO / "netns-lab" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-overlay_module = _load("overlay")
+overlay_module = load_netns_module("overlay")
 
 #: Pairs expected to go direct. public and fullcone go direct with anything that lets UDP out; the
 #: symseq pairs need the predicted candidates (the nominated remote is "predicted +k").

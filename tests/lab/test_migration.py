@@ -16,7 +16,6 @@ into the next.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import selectors
 import shutil
@@ -30,21 +29,14 @@ from typing import Any
 
 import pytest
 
+from tests.lab.conftest import load_netns_module
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.lab
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"traversal_netns_{name}", REPO / "netns-lab" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-overlay_module = _load("overlay")
+overlay_module = load_netns_module("overlay")
 
 #: The seed's geography (one-way delays in ms, each direction).
 GEOGRAPHY = {"delay_a_ms": 7, "delay_b_ms": 8, "relay_delay_a_ms": 20, "relay_delay_b_ms": 20}

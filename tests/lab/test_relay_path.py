@@ -7,9 +7,7 @@ run in file order: traffic first, then refusals, then a relay restart.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,21 +16,14 @@ from typing import Any
 
 import pytest
 
+from tests.lab.conftest import load_netns_module
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.lab
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"traversal_netns_{name}", REPO / "netns-lab" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-overlay_module = _load("overlay")
+overlay_module = load_netns_module("overlay")
 
 
 def _received(ping_output: str) -> tuple[int, int]:
