@@ -111,6 +111,14 @@ class Overlay:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
+    def log_tails(self, names: tuple[str, ...] = ("a", "b", "relay"), lines: int = 30) -> str:
+        """The last lines of each process log, for assertion messages."""
+        tails = []
+        for name in names:
+            tail = self.log_text(name).splitlines()[-lines:]
+            tails.append(f"--- {name}.log (last {len(tail)} lines, in {self.workdir})\n" + "\n".join(tail))
+        return "\n".join(tails)
+
     def log_text(self, name: str) -> str:
         path = self.log_path(name)
         return path.read_text(errors="replace") if path.exists() else ""
@@ -348,6 +356,12 @@ class Overlay:
         )
         proc = self.lab.run("wan", sys.executable, "-c", code, timeout=20)
         return parse_metrics(proc.stdout)
+
+
+def first_peer(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The first peer of a `traversal status --json` answer, or None."""
+    peers = (status or {}).get("peers") or []
+    return peers[0] if peers else None
 
 
 def parse_metrics(text: str) -> dict[str, float]:

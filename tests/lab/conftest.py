@@ -196,6 +196,18 @@ def load_netns_module(name: str) -> ModuleType:
     return module
 
 
+def tear_down_labs(labs: list[Any]) -> None:
+    """Tear every lab down, even if one fails; then report the first failure."""
+    errors = []
+    for lab in labs:
+        try:
+            lab.down()
+        except Exception as exc:  # tear down the others before reporting
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture(scope="session")
 def lab_module() -> ModuleType:
     """netns-lab/lab.py as a module."""
@@ -223,14 +235,7 @@ def lab_factory(lab_module: ModuleType, lab_prerequisites: None) -> Iterator[Cal
         return lab.up()
 
     yield make
-    errors = []
-    for lab in labs:
-        try:
-            lab.down()
-        except Exception as exc:  # tear down the others before reporting
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    tear_down_labs(labs)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import load_netns_module
+from tests.lab.conftest import load_netns_module, tear_down_labs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.lab
 
 
 overlay_module = load_netns_module("overlay")
+_peer_or_none = overlay_module.first_peer
 
 #: Pairs expected to go direct. public and fullcone go direct with anything that lets UDP out; the
 #: symseq pairs need the predicted candidates (the nominated remote is "predicted +k").
@@ -100,27 +101,11 @@ def start_overlay(lab_prerequisites: None, tmp_path: Path) -> Iterator[Callable[
         return run
 
     yield start
-    errors = []
-    for lab in labs:
-        try:
-            lab.down()
-        except Exception as exc:  # tear the others down before reporting
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    tear_down_labs(labs)
 
 
 def _logs(run: Any) -> str:
-    tails = []
-    for name in ("a", "b", "relay"):
-        lines = run.log_text(name).splitlines()[-25:]
-        tails.append(f"--- {name}.log (last {len(lines)} lines)\n" + "\n".join(lines))
-    return "\n".join(tails)
-
-
-def _peer_or_none(status: dict[str, Any] | None) -> dict[str, Any] | None:
-    peers = (status or {}).get("peers") or []
-    return peers[0] if peers else None
+    return str(run.log_tails())
 
 
 def _peer(status: dict[str, Any] | None) -> dict[str, Any]:

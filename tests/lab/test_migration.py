@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import load_netns_module
+from tests.lab.conftest import load_netns_module, tear_down_labs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,6 +37,7 @@ pytestmark = pytest.mark.lab
 
 
 overlay_module = load_netns_module("overlay")
+_peer = overlay_module.first_peer
 
 #: The seed's geography (one-way delays in ms, each direction).
 GEOGRAPHY = {"delay_a_ms": 7, "delay_b_ms": 8, "relay_delay_a_ms": 20, "relay_delay_b_ms": 20}
@@ -81,27 +82,11 @@ def geo(lab_module: ModuleType, lab_prerequisites: None, tmp_path: Path) -> Iter
         return run
 
     yield start
-    errors = []
-    for lab in labs:
-        try:
-            lab.down()
-        except Exception as exc:  # tear the others down before reporting
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    tear_down_labs(labs)
 
 
 def _logs(run: Any) -> str:
-    tails = []
-    for name in ("a", "b", "relay"):
-        lines = run.log_text(name).splitlines()[-30:]
-        tails.append(f"--- {name}.log (last {len(lines)} lines, in {run.workdir})\n" + "\n".join(lines))
-    return "\n".join(tails)
-
-
-def _peer(status: dict[str, Any] | None) -> dict[str, Any] | None:
-    peers = (status or {}).get("peers") or []
-    return peers[0] if peers else None
+    return str(run.log_tails())
 
 
 def _wait(run: Any, name: str, predicate: Callable[[dict[str, Any]], Any], what: str, timeout: float) -> Any:
@@ -408,7 +393,13 @@ def test_survivor_reaches_a_restarted_peer_before_it_speaks(geo: Callable[..., A
     _archive_log(run, "b", "killed")
     run.start_peer("b", "b", extra=["--no-direct"])
     for name in ("a", "b"):
-        _wait(run, name, lambda s: (_peer(s) or {}).get("e2e_session") not in (None, old["a"]), "a new session", 30)
+        _wait(
+            run,
+            name,
+            lambda s: (_peer(s) or {}).get("e2e_session") not in (None, old["a"]),
+            "a new session",
+            30,
+        )
         _wait_relay(run, name)
     output = run.ping("a", TARGET["a"], count=30, interval=0.1)
     assert " 0 received" not in output, output
