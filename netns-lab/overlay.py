@@ -507,7 +507,8 @@ PROTO_UDP = 17
 
 @dataclass(frozen=True)
 class Packet:
-    """One captured IP packet: its addresses, IP protocol number, ports (TCP and UDP only) and wire length."""
+    """One captured IP packet: its addresses, IP protocol number, ports (TCP and UDP only), wire
+    length, and for UDP the first payload byte (which tells STUN, QUIC and our frames apart)."""
 
     src: str
     dst: str
@@ -515,6 +516,7 @@ class Packet:
     sport: int | None
     dport: int | None
     length: int
+    first_byte: int | None = None
 
     def touches(self, addresses: Iterable[str]) -> bool:
         """True if the packet comes from or goes to one of ``addresses``."""
@@ -538,13 +540,17 @@ def _ip_packet(ethertype: int, data: bytes, length: int) -> Packet | None:
     elif ethertype == _ETHERTYPE_IPV6 and len(data) >= 40:
         # The lab's traffic carries no extension headers; anything else keeps proto and no ports.
         proto, src, dst = data[6], data[8:24], data[24:40]
+        header = 40
         ports = data[40:44]
     else:
         return None
-    sport = dport = None
+    sport = dport = first_byte = None
     if proto in (PROTO_TCP, PROTO_UDP) and len(ports) == 4:
         sport, dport = struct.unpack("!HH", ports)
-    return Packet(str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)), proto, sport, dport, length)
+        if proto == PROTO_UDP and len(data) > header + 8:
+            first_byte = data[header + 8]
+    source, destination = str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst))
+    return Packet(source, destination, proto, sport, dport, length, first_byte)
 
 
 def read_pcap(path: Path) -> list[Packet]:

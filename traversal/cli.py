@@ -323,6 +323,13 @@ def relay(
     help="Once every peer is direct: close the relay connection, or keep it idle.",
 )
 @click.option("--udp-ports", "udp_ports", metavar="LOW-HIGH", help="Local UDP port range for direct paths.")
+@click.option(
+    "--carriage",
+    type=click.Choice(["lean", "quic"]),
+    default="lean",
+    show_default=True,
+    help="How data travels on a direct path: sealed UDP datagrams (fast) or QUIC datagrams.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def connect(
     relay_url: str | None,
@@ -341,6 +348,7 @@ def connect(
     direct_retry: float,
     relay_standby: str,
     udp_ports: str | None,
+    carriage: str,
     verbose: bool,
 ) -> None:
     """Join a network through a relay and carry the TAP's Ethernet frames to its peers."""
@@ -378,6 +386,7 @@ def connect(
     if "/" not in address:
         raise UserError(f"--address needs a prefix length, e.g. {address}/24")
     direct = _direct_settings(relay_url, stun, no_direct, direct_timeout, direct_retry, relay_standby, udp_ports)
+    direct.carriage = carriage
     try:
         config = NodeConfig(
             relay_url=relay_url,

@@ -113,6 +113,7 @@ from traversal.stun import (
     retransmit_schedule,
     route_source,
 )
+from traversal.udpio import BatchedSocket
 
 log = logging.getLogger("traversal.ice")
 
@@ -211,6 +212,19 @@ class _IceSocket(StunProtocol):
         super().__init__(connection)
         self.connection = connection
         self._queries: dict[bytes, asyncio.Future[tuple[StunMessage, Address]]] = {}
+        #: The nominated socket's batched reader and sender (see udpio.py).
+        self.batched: BatchedSocket | None = None
+
+    def read_in_batches(self) -> BatchedSocket | None:
+        """From now on, read this socket in batches and send data through it (None if it cannot)."""
+        if self.batched is None:
+            try:
+                self.batched = BatchedSocket(self.transport, self.datagram_received)
+            except OSError as exc:
+                log_event(log, "udp_batching_off", logging.INFO, reason=str(exc))
+                return None
+            self.batched.start()
+        return self.batched
 
     def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
         if not isinstance(data, bytes) or not data:
@@ -350,6 +364,7 @@ class _IceConnection(Connection):
         self.valid: set[tuple[StunProtocol, tuple[str, int]]] = set()
         self.send_to: tuple[asyncio.DatagramTransport, tuple[str, int]] | None = None
         self.nominated_key: tuple[StunProtocol, tuple[str, int]] | None = None
+        self.batched: BatchedSocket | None = None
         self.early: deque[tuple[bytes, tuple[str, int], StunProtocol]] = deque(maxlen=ICE_MAX_EARLY_DATAGRAMS)
         self.shut = False
 
@@ -538,6 +553,8 @@ class _IceConnection(Connection):
         self.nominated_key = (pair.protocol, pair.remote_addr)
         self.valid.add(self.nominated_key)
         self.send_to = (pair.protocol.transport, pair.remote_addr)
+        if isinstance(pair.protocol, _IceSocket):
+            self.batched = pair.protocol.read_in_batches()
         self._flush_early()
 
     def set_receiver(self, receiver: Receiver) -> None:
@@ -558,14 +575,33 @@ class _IceConnection(Connection):
                 self.datagrams_dropped += 1
                 return
             raise IceStateError("no nominated pair yet: send() only after connect() succeeded")
-        target[0].sendto(data, target[1])
+        if self.batched is not None and not self.batched.sendto(data, target[1]):
+            self.datagrams_dropped += 1
+            return
+        if self.batched is None:
+            target[0].sendto(data, target[1])
         self.datagrams_sent += 1
+
+    def send_many(self, datagrams: Sequence[bytes]) -> int:
+        """Send datagrams in order on the nominated pair (segmented where it can); returns drops."""
+        target = self.send_to
+        if target is None or self.batched is None:
+            for data in datagrams:
+                self.send_data(data)
+            return 0
+        dropped = self.batched.send_many(datagrams, target[1])
+        self.datagrams_sent += len(datagrams) - dropped
+        self.datagrams_dropped += dropped
+        return dropped
 
     async def shutdown(self) -> None:
         self.shut = True
         self.send_to = None
         self.receiver = None
         self.early.clear()
+        if self.batched is not None:
+            self.batched.close()
+            self.batched = None
         await self.close()
 
     def tried_pairs(self) -> tuple[int, int]:
@@ -809,6 +845,11 @@ class IceAgent:
         """Send one datagram on the nominated pair, synchronously. After ``close()`` the
         datagram is dropped (counted); before ``connect()`` succeeded, IceStateError."""
         self._conn.send_data(data)
+
+    def send_many(self, datagrams: Sequence[bytes]) -> int:
+        """Send datagrams in order on the nominated pair, equal-sized runs in one segmented
+        system call where the kernel allows; returns how many were dropped (counted)."""
+        return self._conn.send_many(datagrams)
 
     def set_receiver(self, callback: Receiver) -> None:
         """Deliver every non-STUN datagram from a valid pair of this attempt to

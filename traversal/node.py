@@ -400,7 +400,10 @@ class Node:
                 self._loop.create_task(manager.close())
                 link.paths = PathSwitch()
                 self._start_direct(link, link.established)
-        self._wake.set()
+        if frame.type != MsgType.DATA:
+            # Control records may move a deadline earlier (a reply to send, a resumption);
+            # DATA only ever moves the dead-peer deadline later, so it need not wake the timers.
+            self._wake.set()
 
     def _on_direct_frame(self, link: PeerLink, wire: bytes) -> None:
         """A frame that arrived on the link's direct carriage."""

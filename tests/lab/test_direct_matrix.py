@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.lab.conftest import load_netns_module, tear_down_labs
+from transport.constants import WIRE_VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -275,6 +276,27 @@ def test_relay_standby_keep_stays_connected_and_idle(lab_module: ModuleType, sta
         status_now = run.status(name, name)
         assert status_now["relay"]["state"] == "connected", status_now["relay"]
         assert _peer(status_now)["path"] == "direct"
+
+
+def test_quic_and_lean_carriages_meet(lab_module: ModuleType, start_overlay: Any) -> None:
+    """a sends DATA in QUIC datagrams (``--carriage quic``), b as lean sealed datagrams (the default):
+    each side receives both, and the WAN shows which is which by the first UDP payload byte."""
+    run = start_overlay(lab_module.Lab(nat_a="cone", nat_b="cone"))
+    run.start_peers(extra_a=["--carriage", "quic"])
+    peer_a = _peer(_wait_direct(run, "a"))
+    _wait_direct(run, "b")
+    capture = run.capture()
+    try:
+        _ping_all(run)
+    finally:
+        packets = capture.stop()
+    end_a, end_b = _wan_ends(run.lab, peer_a)
+    # First UDP payload bytes, STUN (0-3: ICE consent checks) left out.
+    from_a = [p.first_byte for p in packets if p.is_udp(end_a, end_b) and p.first_byte not in (None, 0, 1, 2, 3)]
+    from_b = [p.first_byte for p in packets if p.is_udp(end_b, end_a) and p.first_byte not in (None, 0, 1, 2, 3)]
+    # a: QUIC only (the fixed bit 0x40 set), b: the echo replies as lean frames.
+    assert len(from_a) >= PING_COUNT and all(byte & 0x40 for byte in from_a), from_a[:20]
+    assert sum(byte == WIRE_VERSION for byte in from_b) >= PING_COUNT, from_b[:20]
 
 
 def test_udp_port_range_bounds_the_direct_socket(lab_module: ModuleType, start_overlay: Any) -> None:
