@@ -424,11 +424,26 @@ def test_aioice_internals_we_extend_exist() -> None:
     import aioice
     from aioice.ice import CandidatePair, Connection, StunProtocol
 
-    for name in ("_pair_remote_candidate", "_find_pair", "sort_check_list", "check_state", "request_received"):
+    for name in (
+        "_pair_remote_candidate",
+        "_find_pair",
+        "sort_check_list",
+        "check_state",
+        "request_received",
+        "check_incoming",
+    ):
         assert callable(getattr(Connection, name, None)), f"aioice.Connection.{name} is gone ({aioice.__version__})"
     for name in ("request", "send_stun", "datagram_received"):
         assert callable(getattr(StunProtocol, name, None)), f"aioice StunProtocol.{name} is gone"
     connection = Connection(ice_controlling=True)
-    for name in ("_check_list", "_nominated", "_protocols", "_local_candidates", "_local_candidates_start"):
+    for name in (
+        "_check_list",
+        "_nominated",
+        "_protocols",
+        "_local_candidates",
+        "_local_candidates_start",
+        "_remote_candidates",
+    ):
         assert hasattr(connection, name), f"aioice.Connection().{name} is gone ({aioice.__version__})"
+    assert hasattr(aioice.Candidate("f", 1, "udp", 1, "127.0.0.1", 9, "host"), "_network_host")
     assert {"FROZEN", "WAITING", "IN_PROGRESS", "SUCCEEDED", "FAILED"} <= set(CandidatePair.State.__members__)
