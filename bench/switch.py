@@ -41,8 +41,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The seed's geography: one-way delays in ms, each direction.
-GEOGRAPHY = {"delay_a_ms": 7, "delay_b_ms": 8, "relay_delay_a_ms": 20, "relay_delay_b_ms": 20}
 TARGET = {"a": "10.10.10.4", "b": "10.10.10.3"}
 PING_INTERVAL_S = 0.01
 #: From starting the nodes to ESTABLISHED, and to direct, with room to spare.
@@ -150,7 +148,7 @@ def _direct(status: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def bench(runs: int, count: int, workdir: Path) -> list[Run]:
-    lab = lab_module.Lab(nat_a="cone", nat_b="cone", **GEOGRAPHY)
+    lab = lab_module.Lab(nat_a="cone", nat_b="cone", **lab_module.SEED_GEOGRAPHY)
     results = []
     try:
         lab.up()

@@ -73,7 +73,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="traversal-demo-"))
     # The seed's geography: UK -> Frankfurt relay -> Belgium is ~80 ms round trip,
     # UK <-> Belgium direct ~30 ms (see netns-lab/README.md for the arithmetic).
-    delays = {"delay_a_ms": 7, "delay_b_ms": 8, "relay_delay_a_ms": 20, "relay_delay_b_ms": 20} if args.delay else {}
+    delays = dict(lab_module.SEED_GEOGRAPHY) if args.delay else {}
     lab = lab_module.Lab(nat_a=args.nat_a, nat_b=args.nat_b, **delays)
     overlay = overlay_module.Overlay(lab, workdir)
     seen: dict[str, int] = {}

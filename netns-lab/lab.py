@@ -100,6 +100,9 @@ SYMSEQ_SLOTS = 256
 FULLCONE_MAPPING_TIMEOUT_S = 120
 
 COMMAND_TIMEOUT_S = 15.0
+#: The seed's geography as Lab keyword arguments: peers 7 and 8 ms from each other's side of the
+#: WAN, 20 ms each from the relay, so about 30 ms direct and 80 ms through the relay (RTT).
+SEED_GEOGRAPHY = {"delay_a_ms": 7, "delay_b_ms": 8, "relay_delay_a_ms": 20, "relay_delay_b_ms": 20}
 
 #: The link-delay forwarder (a userspace stand-in for netem, which this kernel lacks),
 #: how long Lab.up() waits for it to say "ready", and the largest delay accepted (its

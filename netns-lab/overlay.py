@@ -27,6 +27,9 @@ from typing import Any
 RELAY_IP = "203.0.113.1"
 RELAY_ALT_IP = "203.0.113.2"
 RELAY_PORT = 8443
+#: The relay's STUN server (RFC 5780: a second address and port for CHANGE-REQUEST).
+STUN_PORT = 3478
+STUN_ALT_PORT = 3479
 NETWORK = "chr-001"
 OVERLAY = {"a": "10.10.10.3/24", "b": "10.10.10.4/24"}
 TRAVERSAL = [sys.executable, "-m", "traversal"]
@@ -143,9 +146,9 @@ class Overlay:
             "--self-signed",
             str(self.cert.parent),
             "--stun",
-            f"{RELAY_IP}:3478",
+            f"{RELAY_IP}:{STUN_PORT}",
             "--stun-alt",
-            f"{RELAY_ALT_IP}:3479",
+            f"{RELAY_ALT_IP}:{STUN_ALT_PORT}",
             *(extra or []),
         ]
         self._start("relay", "wan", argv)

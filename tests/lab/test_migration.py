@@ -40,7 +40,7 @@ overlay_module = load_netns_module("overlay")
 _peer = overlay_module.first_peer
 
 #: The seed's geography (one-way delays in ms, each direction).
-GEOGRAPHY = {"delay_a_ms": 7, "delay_b_ms": 8, "relay_delay_a_ms": 20, "relay_delay_b_ms": 20}
+GEOGRAPHY = load_netns_module("lab").SEED_GEOGRAPHY
 ADDRESS = {peer: cidr.split("/")[0] for peer, cidr in overlay_module.OVERLAY.items()}
 #: Where each side pings: the other side's overlay address.
 TARGET = {"a": ADDRESS["b"], "b": ADDRESS["a"]}
