@@ -14,7 +14,7 @@ COUNT``, host-a -> 10.10.10.4 and host-b -> 10.10.10.3 at once). Per run:
   released (the relay's log): how long the relay still carries frames for the pair;
 * echo requests sent before their sender switched (they crossed the relay), lost, duplicated.
 
-Writes ``bench/switch.md`` and ``bench/switch_rtt.png`` (the RTT of each echo request of the
+Writes ``bench/switch.md``, ``bench/switch.json`` and ``bench/switch_rtt.png`` (the RTT of each echo request of the
 median run over time, with the switch marked; needs matplotlib: ``pip install -e '.[bench]'``).
 Run as root, from the repository: ``.venv/bin/python bench/switch.py [--runs 10] [--count 300]``.
 """
@@ -22,13 +22,9 @@ Run as root, from the repository: ``.venv/bin/python bench/switch.py [--runs 10]
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
 import math
 import os
-import platform
 import re
-import shlex
 import shutil
 import statistics
 import sys
@@ -36,10 +32,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import BENCH, Context, load_netns_module, p95, write_json
 
 TARGET = {"a": "10.10.10.4", "b": "10.10.10.3"}
 PING_INTERVAL_S = 0.01
@@ -50,17 +45,8 @@ RELAY_IDLE_TIMEOUT_S = 15.0
 VALIDATED = 'path=direct reason="validated both ways'
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"netns_lab_{name}", REPO / "netns-lab" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lab_module = _load("lab")
-overlay_module = _load("overlay")
+lab_module = load_netns_module("lab")
+overlay_module = load_netns_module("overlay")
 
 
 class BenchError(Exception):
@@ -177,23 +163,9 @@ def bench(runs: int, count: int, workdir: Path) -> list[Run]:
 # --- report -----------------------------------------------------------------------------
 
 
-def _p95(values: list[float]) -> float:
-    """Nearest-rank 95th percentile (with 10 runs, the largest value)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
-
-
 def _row(label: str, values: list[float], fmt: str) -> str:
-    cells = " | ".join(format(v, fmt) for v in (statistics.median(values), _p95(values), min(values), max(values)))
+    cells = " | ".join(format(v, fmt) for v in (statistics.median(values), p95(values), min(values), max(values)))
     return f"| {label} | {cells} |"
-
-
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _median_run(runs: list[Run]) -> Run:
@@ -244,7 +216,24 @@ def plot(run: Run, path: Path) -> None:
     plt.close(fig)
 
 
-def render(runs: list[Run], command: str, load: tuple[float, float], date: str, count: int, png: str) -> str:
+def summary(runs: list[Run]) -> dict[str, Any]:
+    """The headline figures, as written to the JSON file."""
+
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "p95": p95(values)}
+
+    return {
+        "runs": len(runs),
+        "to_direct_s": stats([r.to_direct_s for r in runs]),
+        "relay_rtt_ms": stats([r.relay_rtt_ms for r in runs]),
+        "direct_rtt_ms": stats([r.direct_rtt_ms for r in runs]),
+        "echo_requests": sum(sum(r.sent.values()) for r in runs),
+        "lost": sum(sum(r.lost.values()) for r in runs),
+        "duplicated": sum(sum(r.duplicates.values()) for r in runs),
+    }
+
+
+def render(runs: list[Run], context: Context, count: int, png: str) -> str:
     sent = sum(sum(r.sent.values()) for r in runs)
     lost = sum(sum(r.lost.values()) for r in runs)
     dups = sum(sum(r.duplicates.values()) for r in runs)
@@ -264,11 +253,7 @@ def render(runs: list[Run], command: str, load: tuple[float, float], date: str, 
         f"{statistics.mean(intervals) * 1000:.1f} ms",
         "on this machine). p95 is nearest-rank, so with 10 runs it is the largest value.",
         "",
-        f"- date: {date}",
-        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {_cpu_model()}, "
-        f"Linux {platform.release()}, Python {platform.python_version()}",
-        f"- load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}",
-        f"- command: `{command}`",
+        *context.markdown(),
         "",
         "| measure | median | p95 | min | max |",
         "|---|---|---|---|---|",
@@ -323,8 +308,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="fresh node pairs (default 10)")
     parser.add_argument("--count", type=int, default=300, help="echo requests per side and run (default 300)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "switch.md", help="Markdown report")
-    parser.add_argument("--png", type=Path, default=REPO / "bench" / "switch_rtt.png", help="RTT plot")
+    parser.add_argument("--out", type=Path, default=BENCH / "switch.md", help="Markdown report")
+    parser.add_argument("--png", type=Path, default=BENCH / "switch_rtt.png", help="RTT plot")
+    parser.add_argument("--json", type=Path, default=BENCH / "switch.json", help="JSON figures")
     args = parser.parse_args()
     if args.runs < 1 or args.count < 10:
         parser.error("--runs must be at least 1 and --count at least 10")
@@ -338,10 +324,7 @@ def main() -> int:
     except lab_module.LabError as exc:
         print(f"switch: {exc}", file=sys.stderr)
         return 1
-    executable = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    command = shlex.join([executable, *sys.argv])
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load_start = os.getloadavg()[0]
+    context = Context()
     workdir = Path(tempfile.mkdtemp(prefix="switch-"))
     started = time.monotonic()
     print(f"relay -> direct switch, seed's geography: {args.runs} runs", flush=True)
@@ -354,8 +337,10 @@ def main() -> int:
         return 130
     plot(_median_run(runs), args.png)
     png = os.path.relpath(args.png, args.out.parent)
-    report = render(runs, command, (load_start, os.getloadavg()[0]), date, args.count, png)
+    context.finish()
+    report = render(runs, context, args.count, png)
     args.out.write_text(report + "\n")
+    write_json(args.json, {**context.as_dict(), **summary(runs)})
     print(f"\nwrote {args.out} and {args.png} in {time.monotonic() - started:.0f} s\n")
     lines = report.splitlines()
     table = lines.index("| measure | median | p95 | min | max |")

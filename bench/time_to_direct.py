@@ -30,14 +30,7 @@ Run as root, from the repository:
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
-import json
-import math
-import os
-import platform
 import selectors
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -46,10 +39,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import BENCH, Context, load_netns_module, median, p95, write_json
 
 #: (nat a, nat b, with the seed's geography).
 PAIRS = [
@@ -73,17 +65,8 @@ ARP_RETRANSMIT_MS = 100
 PEER_B_ADDRESS = "10.10.10.4"
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"netns_lab_{name}", REPO / "netns-lab" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lab_module = _load("lab")
-overlay_module = _load("overlay")
+lab_module = load_netns_module("lab")
+overlay_module = load_netns_module("overlay")
 
 
 class BenchError(Exception):
@@ -280,24 +263,10 @@ def bench_pair(nat_a: str, nat_b: str, geography: bool, runs: int, quiet_runs: i
 # --- report -----------------------------------------------------------------------------
 
 
-def _p95(values: list[float]) -> float:
-    """Nearest-rank 95th percentile (with 10 runs, the largest value)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
-
-
 def _stats(values: list[float]) -> str:
     if not values:
         return "- | - | - | -"
-    return " | ".join(f"{v:.3f}" for v in (statistics.median(values), _p95(values), min(values), max(values)))
-
-
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    return " | ".join(f"{v:.3f}" for v in (statistics.median(values), p95(values), min(values), max(values)))
 
 
 def _outcome(result: PairResult) -> str:
@@ -307,10 +276,6 @@ def _outcome(result: PairResult) -> str:
     if direct == 0:
         return f"relay ({len(result.runs)}/{len(result.runs)})"
     return f"mixed: direct {direct}/{len(result.runs)}"
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def summary(result: PairResult) -> dict[str, Any]:
@@ -324,13 +289,13 @@ def summary(result: PairResult) -> dict[str, Any]:
         "runs": len(result.runs),
         "direct_runs": sum(x.outcome == "direct" for x in result.runs),
         "quiet_runs": len(result.quiet),
-        "to_direct_median_s": _median(ttd),
-        "to_direct_p95_s": _p95(ttd) if ttd else None,
-        "first_ping_median_s": _median(ping),
-        "first_ping_p95_s": _p95(ping) if ping else None,
-        "relay_wire_bytes_median": _median([x.relay_wire_bytes for x in direct_runs]),
-        "relay_forwarded_bytes_median": _median([x.forwarded_bytes for x in direct_runs]),
-        "stun_bytes_median": _median([x.stun_bytes for x in direct_runs]),
+        "to_direct_median_s": median(ttd),
+        "to_direct_p95_s": p95(ttd) if ttd else None,
+        "first_ping_median_s": median(ping),
+        "first_ping_p95_s": p95(ping) if ping else None,
+        "relay_wire_bytes_median": median([x.relay_wire_bytes for x in direct_runs]),
+        "relay_forwarded_bytes_median": median([x.forwarded_bytes for x in direct_runs]),
+        "stun_bytes_median": median([x.stun_bytes for x in direct_runs]),
     }
 
 
@@ -338,7 +303,7 @@ def _kb(value: float | None) -> str:
     return f"{value / 1000:.1f}" if value is not None else "-"
 
 
-def render(results: list[PairResult], command: str, load: tuple[float, float], date: str) -> str:
+def render(results: list[PairResult], context: Context) -> str:
     lines = [
         "# Time to direct, per NAT pair",
         "",
@@ -347,11 +312,7 @@ def render(results: list[PairResult], command: str, load: tuple[float, float], d
         "nodes' first packet to the direct switch), medians in kB (1000 B) over extra 'quiet' runs that went",
         "direct, in which nothing but the nodes' own traffic crossed the relay (no pinger).",
         "",
-        f"- date: {date}",
-        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {_cpu_model()}, "
-        f"Linux {platform.release()}, Python {platform.python_version()}",
-        f"- load average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f}",
-        f"- command: `{command}`",
+        *context.markdown(),
         "",
         "| pair (a x b) | outcome | ESTABLISHED -> direct: median | p95 | min | max "
         "| start -> first ping: median | p95 | min | max "
@@ -407,8 +368,8 @@ def main() -> int:
     )
     names = ",".join(f"{a}-{b}" + ("@geo" if geo else "") for a, b, geo in PAIRS)
     parser.add_argument("--pairs", default=names, help=f"comma-separated A-B[@geo] profile pairs (default {names})")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "time_to_direct.md", help="Markdown report")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "time_to_direct.json", help="JSON figures")
+    parser.add_argument("--out", type=Path, default=BENCH / "time_to_direct.md", help="Markdown report")
+    parser.add_argument("--json", type=Path, default=BENCH / "time_to_direct.json", help="JSON figures")
     args = parser.parse_args()
     if args.runs < 1 or args.quiet_runs < 0:
         parser.error("--runs must be at least 1 and --quiet-runs at least 0")
@@ -421,10 +382,7 @@ def main() -> int:
     except lab_module.LabError as exc:
         print(f"time_to_direct: {exc}", file=sys.stderr)
         return 1
-    executable = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    command = shlex.join([executable, *sys.argv])
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load_start = os.getloadavg()[0]
+    context = Context()
     workdir = Path(tempfile.mkdtemp(prefix="time-to-direct-"))
     results = []
     try:
@@ -436,10 +394,10 @@ def main() -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    report = render(results, command, (load_start, os.getloadavg()[0]), date)
+    context.finish()
+    report = render(results, context)
     args.out.write_text(report + "\n")
-    document = {"date": date, "command": command, "pairs": [summary(r) for r in results]}
-    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    write_json(args.json, {**context.as_dict(), "pairs": [summary(r) for r in results]})
     print(f"\nwrote {args.out} and {args.json}\n")
     print("\n".join(report.splitlines()[: 15 + len(results)]))
     shutil.rmtree(workdir, ignore_errors=True)
