@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -60,6 +61,7 @@ class MsgType(IntEnum):
     REKEY = 0x14
     BYE = 0x15
     PATH = 0x16
+    BUNDLE = 0x17  # several sealed DATA records of one session in one relayed frame
 
 
 #: Session frames whose payload is sealed by the session layer.
@@ -68,7 +70,11 @@ SEALED_TYPES = frozenset(
 )
 
 #: Frames the relay forwards opaquely between the two ends of a session.
-FORWARDED_TYPES = SEALED_TYPES | {MsgType.HANDSHAKE}
+FORWARDED_TYPES = SEALED_TYPES | {MsgType.HANDSHAKE, MsgType.BUNDLE}
+
+#: A BUNDLE carries at least two records (one would be a plain DATA frame), each behind a
+#: two-byte length prefix.
+MIN_BUNDLE_RECORDS = 2
 
 
 class ErrorCode(IntEnum):
@@ -180,8 +186,9 @@ class Error:
 class SessionFrame:
     """A frame forwarded between the two ends of ``session_id``.
 
-    ``type`` is HANDSHAKE or one of :data:`SEALED_TYPES`; ``payload`` is opaque
-    to the relay (a handshake message, or a record sealed by the session).
+    ``type`` is HANDSHAKE, BUNDLE or one of :data:`SEALED_TYPES`; ``payload`` is
+    opaque to the relay (a handshake message, a record sealed by the session, or
+    for a BUNDLE several sealed DATA records, see :func:`bundle_data_frames`).
     """
 
     type: MsgType
@@ -316,6 +323,8 @@ def _network(value: str) -> bytes:
 #: Largest payload a session frame may carry (header: version, type, session id,
 #: length prefix).
 MAX_SESSION_PAYLOAD = MAX_FRAME_SIZE - 2 - SESSION_ID_SIZE - 2
+#: version, type, session id, payload length.
+SESSION_HEADER_SIZE = 2 + SESSION_ID_SIZE + 2
 
 
 def encode(frame: Frame) -> bytes:
@@ -388,6 +397,64 @@ def encode_session_frame(kind: MsgType, session_id: bytes, payload: bytes) -> by
     )
 
 
+def bundle_data_frames(wire: Sequence[bytes]) -> list[bytes]:
+    """Replace each run of consecutive DATA frames of one session by BUNDLE frames; order is kept.
+
+    The relay path's cost is per WebSocket message (framing, a TLS record, a system call
+    and a hop through the relay for each), so a burst of frames travels as a few
+    BUNDLEs of up to MAX_SESSION_PAYLOAD bytes instead. The relay forwards a BUNDLE
+    like any session frame, opaquely; the records inside are the session's sealed DATA
+    records, unchanged. Anything else in ``wire`` passes through as it is.
+    """
+    out: list[bytes] = []
+    run: list[bytes] = []  # payloads of DATA frames of the session ``head`` names
+    head = b""
+    size = 0
+
+    def flush() -> None:
+        if len(run) >= MIN_BUNDLE_RECORDS:
+            body = b"".join(struct.pack("!H", len(record)) + record for record in run)
+            out.append(bytes([WIRE_VERSION, MsgType.BUNDLE]) + head[2:] + struct.pack("!H", len(body)) + body)
+        elif run:
+            out.append(head + struct.pack("!H", len(run[0])) + run[0])
+        run.clear()
+
+    for frame in wire:
+        if len(frame) < SESSION_HEADER_SIZE or frame[1] != MsgType.DATA:
+            flush()
+            out.append(frame)
+            continue
+        record = frame[SESSION_HEADER_SIZE:]
+        added = 2 + len(record)
+        if run and (frame[: 2 + SESSION_ID_SIZE] != head or size + added > MAX_SESSION_PAYLOAD):
+            flush()
+        if not run:
+            head, size = frame[: 2 + SESSION_ID_SIZE], 0
+        run.append(record)
+        size += added
+    flush()
+    return out
+
+
+def split_bundle(payload: bytes) -> list[bytes]:
+    """The sealed DATA records of a BUNDLE's payload. Raises :class:`FrameError` (only) if the
+    records do not exactly fill it, or if there are fewer than MIN_BUNDLE_RECORDS."""
+    records: list[bytes] = []
+    offset, end = 0, len(payload)
+    while offset < end:
+        if end - offset < 2:
+            raise FrameError(f"BUNDLE record {len(records) + 1}: truncated length prefix")
+        length = int.from_bytes(payload[offset : offset + 2], "big")
+        offset += 2
+        if length == 0 or length > end - offset:
+            raise FrameError(f"BUNDLE record {len(records) + 1}: length {length}, {end - offset} bytes left")
+        records.append(bytes(payload[offset : offset + length]))
+        offset += length
+    if len(records) < MIN_BUNDLE_RECORDS:
+        raise FrameError(f"BUNDLE of {len(records)} record(s): at least {MIN_BUNDLE_RECORDS}")
+    return records
+
+
 # --- decode --------------------------------------------------------------------
 
 
@@ -403,10 +470,6 @@ def peek_type(data: bytes) -> MsgType:
         return MsgType(data[1])
     except ValueError:
         raise FrameError(f"unknown frame type 0x{data[1]:02x}") from None
-
-
-#: version, type, session id, payload length.
-SESSION_HEADER_SIZE = 2 + SESSION_ID_SIZE + 2
 
 
 def peek_session_id(data: bytes, kind: MsgType) -> bytes:

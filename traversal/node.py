@@ -332,7 +332,8 @@ class Node:
             return
         manager = self.direct.get(link.session_id)
         if manager is None or link.paths.route is not Route.DIRECT:
-            self._send_relay(data)
+            # A burst of DATA crosses the relay as a few BUNDLEs: its cost is per message.
+            self._send_relay(frames.bundle_data_frames(data) if len(data) > 1 else data)
             return
         direct = [d for d in data if d[1] not in _RELAY_ONLY]
         relayed = [d for d in data if d[1] in _RELAY_ONLY]

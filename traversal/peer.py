@@ -336,7 +336,18 @@ class PeerLink:
             return [], []
         session = self.session
         before = session.stats.rx_records
-        events = session.receive(frame.type, frame.payload, now)
+        if frame.type == MsgType.BUNDLE:
+            try:
+                records = frames.split_bundle(frame.payload)
+            except frames.FrameError as exc:
+                self.counters.extra["malformed-bundle"] = self.counters.extra.get("malformed-bundle", 0) + 1
+                log_event(log, "bundle_dropped", logging.DEBUG, peer=self.peer_name, session=self.sid, reason=str(exc))
+                return [], []
+            events = []
+            for record in records:
+                events += session.receive(MsgType.DATA, record, now)
+        else:
+            events = session.receive(frame.type, frame.payload, now)
         if self._resume_deadline is not None and session.stats.rx_records > before:
             self._resume_deadline = None  # the peer answered under our keys: resumed
             self.resumed_at = now

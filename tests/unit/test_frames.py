@@ -39,10 +39,12 @@ from transport.frames import (
     Ready,
     Release,
     SessionFrame,
+    bundle_data_frames,
     decode,
     encode,
     encode_session_frame,
     peek_type,
+    split_bundle,
 )
 
 V = bytes([WIRE_VERSION])
@@ -582,3 +584,83 @@ def test_encode_non_integer_port_raises_frame_error() -> None:
 def test_encode_scoped_ipv6_is_rejected() -> None:
     with pytest.raises(FrameError):
         encode(AuthOk("fe80::1%eth0", 1))
+
+
+# --- BUNDLE: several DATA records of one session in one relayed frame ----------------------
+
+
+def _data(session_id: bytes, payload: bytes) -> bytes:
+    return encode_session_frame(MsgType.DATA, session_id, payload)
+
+
+def _records(wire: list[bytes]) -> list[tuple[MsgType, bytes, bytes]]:
+    """What the wire carries, record by record: (type, session id, record)."""
+    out = []
+    for data in wire:
+        frame = decode(data)
+        assert isinstance(frame, SessionFrame)
+        if frame.type == MsgType.BUNDLE:
+            out += [(MsgType.DATA, frame.session_id, record) for record in split_bundle(frame.payload)]
+        else:
+            out.append((frame.type, frame.session_id, frame.payload))
+    return out
+
+
+def test_bundles_keep_every_record_and_the_order() -> None:
+    other = bytes(16)
+    wire = [
+        *(_data(SID, bytes([i]) * 1400) for i in range(10)),
+        encode_session_frame(MsgType.PATH, SID, b"p" * 40),
+        _data(SID, b"lone"),
+        encode_session_frame(MsgType.HEARTBEAT, SID, b"h" * 30),
+        _data(SID, b"x" * 100),
+        _data(other, b"y" * 100),
+        _data(other, b"z" * 100),
+    ]
+    bundled = bundle_data_frames(wire)
+    assert _records(bundled) == _records(wire)
+    kinds = [decode(data).type for data in bundled]  # type: ignore[union-attr]
+    # 10 full frames: 7 fit one BUNDLE, 3 the next; lone frames stay DATA; sessions never mix.
+    assert kinds == [
+        MsgType.BUNDLE,
+        MsgType.BUNDLE,
+        MsgType.PATH,
+        MsgType.DATA,
+        MsgType.HEARTBEAT,
+        MsgType.DATA,
+        MsgType.BUNDLE,
+    ]
+    assert all(len(data) <= MAX_FRAME_SIZE for data in bundled)
+    assert bundle_data_frames([]) == []
+
+
+@given(st.lists(st.binary(min_size=1, max_size=3000), max_size=30))
+def test_bundles_round_trip_any_payload_sizes(payloads: list[bytes]) -> None:
+    wire = [_data(SID, payload) for payload in payloads]
+    bundled = bundle_data_frames(wire)
+    assert _records(bundled) == _records(wire)
+    assert all(len(data) <= MAX_FRAME_SIZE for data in bundled)
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"", "at least 2"),
+        (b"\x00\x03abc", "at least 2"),  # one record: a plain DATA frame's job
+        (b"\x00\x03abc\x00", "truncated length prefix"),
+        (b"\x00\x03abc\x00\x05ab", "length 5, 2 bytes left"),
+        (b"\x00\x00\x00\x01a", "length 0"),
+    ],
+)
+def test_split_bundle_is_strict(payload: bytes, match: str) -> None:
+    with pytest.raises(FrameError, match=match):
+        split_bundle(payload)
+
+
+@given(st.binary(max_size=600))
+def test_split_bundle_raises_only_frame_errors(payload: bytes) -> None:
+    try:
+        records = split_bundle(payload)
+    except FrameError:
+        return
+    assert len(records) >= 2 and sum(2 + len(r) for r in records) == len(payload)

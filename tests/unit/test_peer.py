@@ -220,6 +220,39 @@ def test_ethernet_frames_flow_both_ways() -> None:
     assert res.counters.tx_frames == 2 and ini.counters.rx_frames == 2
 
 
+def test_a_bundle_of_data_records_delivers_every_frame_in_order() -> None:
+    ini, res, relay = connect()
+    sent = [ethernet(n) for n in (60, 1000, MTU + ETHERNET_OVERHEAD, 70)]
+    wire = [data for frame in sent for data in ini.send_frame(frame, 1.0)]
+    relay.sent.clear()  # the handshake's frames
+    relay.send(ini, frames.bundle_data_frames(wire))
+    relay.pump(1.0)
+    assert [frame.type for _, frame in relay.sent] == [MsgType.BUNDLE]
+    assert relay.delivered[id(res)] == sent
+    assert res.counters.rx_frames == len(sent)
+
+
+def test_a_malformed_bundle_is_dropped_and_counted_and_the_session_goes_on() -> None:
+    ini, res, relay = connect()
+    relay.send(ini, [frames.encode_session_frame(MsgType.BUNDLE, SESSION_ID, b"\x00\x05abc")])
+    relay.pump(1.0)
+    assert res.counters.extra["malformed-bundle"] == 1
+    assert res.state is LinkState.ESTABLISHED
+    assert_data_flows(ini, res, relay, 2.0)
+
+
+def test_a_forged_record_in_a_bundle_costs_only_itself() -> None:
+    ini, res, relay = connect()
+    genuine = [ethernet(100), ethernet(200)]
+    records = [data[frames.SESSION_HEADER_SIZE :] for frame in genuine for data in ini.send_frame(frame, 1.0)]
+    forged = bytes(len(records[0]))  # epoch 0, counter 0, a tag that cannot verify
+    body = b"".join(len(r).to_bytes(2, "big") + r for r in (records[0], forged, records[1]))
+    relay.send(ini, [frames.encode_session_frame(MsgType.BUNDLE, SESSION_ID, body)])
+    relay.pump(1.0)
+    assert relay.delivered[id(res)] == genuine
+    assert sum(res.counters.extra.values()) == 1, res.counters.extra
+
+
 @pytest.mark.parametrize(
     ("size", "delivered"),
     [

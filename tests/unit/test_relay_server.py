@@ -361,6 +361,8 @@ def test_forwarding_is_byte_exact_and_counted(tmp_path: Path) -> None:
                 encode_session_frame(MsgType.DATA, sid, b""),
                 encode_session_frame(MsgType.DATA, sid, random.randbytes(frames.MAX_SESSION_PAYLOAD)),
                 encode_session_frame(MsgType.CANDIDATES, sid, random.randbytes(300)),
+                # Several sealed DATA records in one frame: opaque to the relay like the rest.
+                encode_session_frame(MsgType.BUNDLE, sid, random.randbytes(frames.MAX_SESSION_PAYLOAD)),
             ]
             b_frames = [encode_session_frame(kind, sid, random.randbytes(64)) for kind in frames.SEALED_TYPES]
             for wire in a_frames:
