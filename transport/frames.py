@@ -490,6 +490,21 @@ def peek_session_id(data: bytes, kind: MsgType) -> bytes:
     return bytes(data[2 : 2 + SESSION_ID_SIZE])
 
 
+def data_record(data: bytes) -> bytes | None:
+    """The sealed record of ``data`` if it is a well-formed DATA frame (exactly as strict as
+    :func:`decode`), else None: the data plane's framing check, without building a frame."""
+    size = len(data)
+    if (
+        size < SESSION_HEADER_SIZE
+        or size > MAX_FRAME_SIZE
+        or data[0] != WIRE_VERSION
+        or data[1] != MsgType.DATA
+        or int.from_bytes(data[SESSION_HEADER_SIZE - 2 : SESSION_HEADER_SIZE], "big") != size - SESSION_HEADER_SIZE
+    ):
+        return None
+    return bytes(data[SESSION_HEADER_SIZE:])
+
+
 def decode(data: bytes) -> Frame:
     """Parse one frame. Raises :class:`FrameError` (only) on any malformation."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -367,6 +367,35 @@ class Session:
             events.append(RecordReceived(MsgType(kind), plaintext))
         return events
 
+    def open_data(self, payload: bytes, now: float) -> bytes | None:
+        """The hot path for DATA: the Ethernet frame, or None to say "use :meth:`receive`".
+
+        Accepts only the common case (session open, current key epoch, counter new to the
+        replay window, tag valid) and then does exactly what :meth:`receive` would; anything
+        else (a key rotation, a replay, a forgery, a closed session) returns None having
+        changed nothing, so :meth:`receive` handles and counts it as usual.
+        """
+        size = len(payload)
+        if self._closed or size < MIN_SEALED_SIZE or size > MAX_SESSION_PAYLOAD or self._events:
+            return None
+        epoch_byte, counter = _HEADER.unpack_from(payload)
+        if epoch_byte != self._recv_epoch & 0xFF or not self._replay.check(counter):
+            return None
+        header = payload[:HEADER_SIZE]
+        try:
+            plaintext = self._recv_aead.decrypt(  # type: ignore[union-attr]
+                _NONCE_PREFIX + header[1:], payload[HEADER_SIZE:], _AAD_DATA + header
+            )
+        except InvalidTag:
+            return None
+        self._replay.update(counter)
+        stats = self.stats
+        stats.rx_records += 1
+        stats.rx_bytes += size
+        stats.last_received = now
+        self._dead_reported = False
+        return plaintext
+
     def close(self, reason: str, now: float) -> bytes:
         """Seal a BYE carrying ``reason`` (truncated to MAX_REASON bytes) and close the session."""
         raw = reason.encode("utf-8")[:MAX_REASON]

@@ -376,6 +376,11 @@ class Node:
 
     def _on_session_frame(self, link: PeerLink, frame: frames.SessionFrame, now: float) -> None:
         """A session frame from either path: the session's replay window makes the path irrelevant."""
+        if frame.type == MsgType.DATA and self.tap is not None:
+            eth = link.receive_data(frame.payload, now)
+            if eth is not None:
+                self.tap.write(eth)
+                return
         try:
             out, delivered = link.on_frame(frame, now)
         except Exception:
@@ -408,6 +413,12 @@ class Node:
 
     def _on_direct_frame(self, link: PeerLink, wire: bytes) -> None:
         """A frame that arrived on the link's direct carriage."""
+        record = frames.data_record(wire)
+        if record is not None and self.tap is not None and self.links.get(link.session_id) is link:
+            eth = link.receive_data(record, self._loop.time())  # the hot path; None: the general one below
+            if eth is not None:
+                self.tap.write(eth)
+                return
         try:
             frame = frames.decode(wire)
         except frames.FrameError as exc:

@@ -328,6 +328,21 @@ class PeerLink:
             return None
         return frames.encode_session_frame(kind, self.session_id, payload)
 
+    def receive_data(self, record: bytes, now: float) -> bytes | None:
+        """The hot path for one sealed DATA record: its Ethernet frame for the TAP, or None
+        when it needs :meth:`on_frame` (anything but the common case: see Session.open_data)."""
+        session = self.session
+        if session is None or self._resume_deadline is not None:
+            return None
+        frame = session.open_data(record, now)
+        if frame is None:
+            return None
+        if not MIN_ETHERNET_FRAME <= len(frame) <= self.mtu + ETHERNET_OVERHEAD:
+            self.counters.dropped_oversize += 1
+            return None
+        self.counters.rx_frames += 1
+        return frame
+
     def on_frame(self, frame: frames.SessionFrame, now: float) -> tuple[list[bytes], list[bytes]]:
         """Handle a forwarded frame; returns (wire frames to send, Ethernet frames for the TAP)."""
         if frame.type == MsgType.HANDSHAKE:

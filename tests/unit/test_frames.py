@@ -40,6 +40,7 @@ from transport.frames import (
     Release,
     SessionFrame,
     bundle_data_frames,
+    data_record,
     decode,
     encode,
     encode_session_frame,
@@ -664,3 +665,29 @@ def test_split_bundle_raises_only_frame_errors(payload: bytes) -> None:
     except FrameError:
         return
     assert len(records) >= 2 and sum(2 + len(r) for r in records) == len(payload)
+
+
+def _data_record_agrees_with_decode(data: bytes) -> None:
+    try:
+        frame = decode(data)
+    except FrameError:
+        frame = None
+    expected = frame.payload if isinstance(frame, SessionFrame) and frame.type == MsgType.DATA else None
+    assert data_record(data) == expected
+
+
+@given(st.binary(max_size=64))
+def test_data_record_is_as_strict_as_decode_on_junk(data: bytes) -> None:
+    _data_record_agrees_with_decode(data)
+
+
+@given(payload=st.binary(max_size=300), cut=st.integers(0, 400), byte=st.integers(0, 255), at=st.integers(0, 400))
+def test_data_record_is_as_strict_as_decode_on_damaged_frames(payload: bytes, cut: int, byte: int, at: int) -> None:
+    wire = bytearray(encode_session_frame(MsgType.DATA, SID, payload))
+    _data_record_agrees_with_decode(bytes(wire))
+    if at < len(wire):
+        wire[at] = byte
+    _data_record_agrees_with_decode(bytes(wire))
+    _data_record_agrees_with_decode(bytes(wire[:cut]))
+    _data_record_agrees_with_decode(bytes(wire) + b"\x00")
+    _data_record_agrees_with_decode(bytes(MAX_FRAME_SIZE - 19) + bytes(wire))  # oversized

@@ -590,3 +590,76 @@ def test_random_payloads_only_produce_drops(kind: int, payload: bytes, epoch: in
     events = b.receive(kind, payload, 0.0)  # type: ignore[arg-type]
     assert len(events) == 1 and isinstance(events[0], RecordDropped)
     assert b.stats.rx_records == 0 and b.recv_epoch == 0
+
+
+# --- open_data: the DATA hot path must mean exactly what receive() means ----------------------
+
+
+def _deliver(session: Session, payload: bytes, now: float, *, fast: bool) -> list[bytes]:
+    """What a receiver hands to its TAP for one DATA record: the hot path first (as the node
+    does), receive() when it declines; or receive() alone."""
+    if fast:
+        frame = session.open_data(payload, now)
+        if frame is not None:
+            return [frame]
+    return frames(session.receive(MsgType.DATA, payload, now))
+
+
+@settings(derandomize=True, max_examples=200)
+@given(
+    script=st.lists(
+        st.tuples(st.sampled_from(["send", "replay", "flip", "junk", "rotate", "reorder"]), st.integers(0, 50)),
+        max_size=60,
+    )
+)
+def test_open_data_then_receive_equals_receive_alone(script: list[tuple[str, int]]) -> None:
+    """Random traffic with replays, tampering, junk, key rotations and reordering: a receiver that
+    tries open_data() first delivers the same frames and counts the same drops as one using receive()."""
+    sender, _ = pair()
+    sent: list[bytes] = []
+    stream: list[bytes] = []
+    now = 0.0
+    for action, n in script:
+        now += 0.5
+        if action == "send" or not sent:
+            sealed = sender.send_frame(bytes([n]) * (n + 1), now)
+            sent.append(sealed)
+            stream.append(sealed)
+        elif action == "replay":
+            stream.append(sent[n % len(sent)])
+        elif action == "flip":
+            victim = bytearray(sent[n % len(sent)])
+            victim[n % len(victim)] ^= 0x01
+            stream.append(bytes(victim))
+        elif action == "junk":
+            stream.append(bytes([n]) * (n % 40))
+        elif action == "rotate":
+            sender.handle_timer(now + KEY_ROTATION_INTERVAL)  # the next record goes out under a new key
+        elif action == "reorder" and len(stream) >= 2:
+            stream[-1], stream[-2] = stream[-2], stream[-1]
+    _, fast = pair()
+    _, slow = pair()
+    delivered = 0
+    for payload in stream:
+        got = _deliver(fast, payload, now, fast=True)
+        assert got == _deliver(slow, payload, now, fast=False)
+        delivered += len(got)
+    assert delivered >= 1 or not script  # the first action always sends a genuine record
+    assert fast.stats == slow.stats
+    assert fast.recv_epoch == slow.recv_epoch
+
+
+def test_open_data_declines_all_but_the_common_case() -> None:
+    a, b = pair()
+    sealed = a.send_frame(b"frame", 0.0)
+    assert b.open_data(sealed, 0.0) == b"frame"
+    assert b.open_data(sealed, 0.0) is None  # replayed: receive() counts it
+    assert b.stats.rx_records == 1 and b.stats.dropped_replay == 0
+    a.handle_timer(KEY_ROTATION_INTERVAL)
+    rotated = a.send_frame(b"next epoch", KEY_ROTATION_INTERVAL)
+    assert b.open_data(rotated, KEY_ROTATION_INTERVAL) is None  # a new epoch: receive() rotates
+    assert frames(b.receive(MsgType.DATA, rotated, KEY_ROTATION_INTERVAL)) == [b"next epoch"]
+    forged = bytearray(a.send_frame(b"x", KEY_ROTATION_INTERVAL))
+    forged[-1] ^= 1
+    assert b.open_data(bytes(forged), KEY_ROTATION_INTERVAL) is None
+    assert b.stats.dropped_auth == 0
