@@ -98,6 +98,7 @@ class PeerLink:
         now: float,
     ) -> None:
         self.session_id = session_id
+        self._data_head = frames.data_head(session_id)  # what every DATA frame of ours starts with
         self.peer = peer
         self.peer_name = short_id(peer)
         self.sid = session_id.hex()[:8]
@@ -233,6 +234,7 @@ class PeerLink:
         RESUME_TIMEOUT the link falls back to a new handshake.
         """
         self.session_id = session_id
+        self._data_head = frames.data_head(session_id)
         self.sid = session_id.hex()[:8]
         if self.session is None or self.state is not LinkState.ESTABLISHED:
             return self.start(now)
@@ -314,7 +316,7 @@ class PeerLink:
             self.counters.dropped_oversize += 1
             return []
         self.counters.tx_frames += 1
-        data = frames.encode_session_frame(MsgType.DATA, self.session_id, payload)
+        data = frames.encode_data(self._data_head, payload)
         return [*self._drain(), data] if self.session.has_output else [data]
 
     def seal_record(self, kind: MsgType, plaintext: bytes, now: float) -> bytes | None:

@@ -40,9 +40,11 @@ from transport.frames import (
     Release,
     SessionFrame,
     bundle_data_frames,
+    data_head,
     data_record,
     decode,
     encode,
+    encode_data,
     encode_session_frame,
     peek_type,
     split_bundle,
@@ -691,3 +693,15 @@ def test_data_record_is_as_strict_as_decode_on_damaged_frames(payload: bytes, cu
     _data_record_agrees_with_decode(bytes(wire[:cut]))
     _data_record_agrees_with_decode(bytes(wire) + b"\x00")
     _data_record_agrees_with_decode(bytes(MAX_FRAME_SIZE - 19) + bytes(wire))  # oversized
+
+
+@given(payload=st.binary(max_size=MAX_SESSION_PAYLOAD))
+def test_encode_data_is_encode_session_frame(payload: bytes) -> None:
+    assert encode_data(data_head(SID), payload) == encode_session_frame(MsgType.DATA, SID, payload)
+
+
+def test_encode_data_checks_its_inputs() -> None:
+    with pytest.raises(FrameError, match="session id"):
+        data_head(b"short")
+    with pytest.raises(FrameError, match="limit"):
+        encode_data(data_head(SID), bytes(MAX_SESSION_PAYLOAD + 1))
