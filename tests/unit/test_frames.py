@@ -611,8 +611,9 @@ def _records(wire: list[bytes]) -> list[tuple[MsgType, bytes, bytes]]:
 
 def test_bundles_keep_every_record_and_the_order() -> None:
     other = bytes(16)
+    per_bundle = MAX_SESSION_PAYLOAD // (2 + 1400)  # full-sized records one BUNDLE holds
     wire = [
-        *(_data(SID, bytes([i]) * 1400) for i in range(10)),
+        *(_data(SID, bytes([i]) * 1400) for i in range(per_bundle + 3)),
         encode_session_frame(MsgType.PATH, SID, b"p" * 40),
         _data(SID, b"lone"),
         encode_session_frame(MsgType.HEARTBEAT, SID, b"h" * 30),
@@ -623,7 +624,7 @@ def test_bundles_keep_every_record_and_the_order() -> None:
     bundled = bundle_data_frames(wire)
     assert _records(bundled) == _records(wire)
     kinds = [decode(data).type for data in bundled]  # type: ignore[union-attr]
-    # 10 full frames: 7 fit one BUNDLE, 3 the next; lone frames stay DATA; sessions never mix.
+    # Full frames fill a BUNDLE, the 3 left over make the next; lone frames stay DATA; sessions never mix.
     assert kinds == [
         MsgType.BUNDLE,
         MsgType.BUNDLE,
