@@ -36,6 +36,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from relay_server.metrics import CONTENT_TYPE, RelayCounters, SessionSample, render_metrics
+from relay_server.resources import prepare_process
 from transport.constants import (
     AUTH_TIMEOUT,
     DEFAULT_MTU,
@@ -876,13 +877,14 @@ async def run_relay(config: RelayConfig, *, extra_metrics: Callable[[], Iterable
 
     ``extra_metrics`` adds lines to /metrics (the STUN server's, when `traversal relay --stun` runs one).
     """
+    open_files = prepare_process()
     relay = RelayServer(config, extra_metrics=extra_metrics)
     await relay.start()
     scheme = "wss" if config.ssl is not None else "ws"
     url = f"{scheme}://{_format_addr(config.host, relay.port)}"
     names = sorted(config.networks)
     # A key=value line for tools that follow the log (the lab waits for it), and the line a person reads.
-    log.info(_kv("relay_listening", url=url, networks=",".join(names) or "-"))
+    log.info(_kv("relay_listening", url=url, networks=",".join(names) or "-", max_open_files=open_files))
     log.info("relay listening on %s (networks: %s)", url, ", ".join(names) or "none")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

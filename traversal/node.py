@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from transport.constants import (
     DEFAULT_MTU,
     RECONNECT_BACKOFF_FACTOR,
     RECONNECT_INITIAL_DELAY,
+    RECONNECT_JITTER,
     RECONNECT_MAX_DELAY,
 )
 from transport.frames import MsgType
@@ -66,6 +68,11 @@ def stable_mac(identity: bytes) -> bytes:
     """
     digest = hashlib.sha256(b"traversal tap mac\x00" + identity).digest()
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+def _jittered(delay: float) -> float:
+    """A reconnect wait of at most ``delay``, spread so that a relay's clients do not return at once."""
+    return delay * (1 - RECONNECT_JITTER * random.random())
 
 
 class NodeError(Exception):
@@ -237,8 +244,9 @@ class Node:
             except RelayUnavailable as exc:
                 self.relay_state = "retrying"
                 self.relay_error = str(exc)
-                log_event(log, "relay_unavailable", logging.WARNING, reason=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
+                wait = _jittered(delay)
+                log_event(log, "relay_unavailable", logging.WARNING, reason=str(exc), retry_in=round(wait, 2))
+                await asyncio.sleep(wait)
                 delay = min(delay * RECONNECT_BACKOFF_FACTOR, RECONNECT_MAX_DELAY)
                 continue
             delay = RECONNECT_INITIAL_DELAY
@@ -267,8 +275,9 @@ class Node:
             if self._parked:
                 continue
             self.relay_state = "retrying"
-            log_event(log, "relay_lost", logging.WARNING, reason=self.relay_error, retry_in=delay)
-            await asyncio.sleep(delay)
+            wait = _jittered(delay)
+            log_event(log, "relay_lost", logging.WARNING, reason=self.relay_error, retry_in=round(wait, 2))
+            await asyncio.sleep(wait)
 
     def _drop_relayed_links(self) -> None:
         """The relay connection ended. Direct links carry on; links with keys wait to be resumed

@@ -828,7 +828,7 @@ def test_run_relay_serves_until_cancelled(tmp_path: Path) -> None:
         def emit(self, record: logging.LogRecord) -> None:
             message = record.getMessage()
             if message.startswith("event=relay_listening"):
-                assert message.endswith(f"networks={NET},{OTHER_NET}")
+                assert f" networks={NET},{OTHER_NET} max_open_files=" in message
                 self.events += 1
             if message.startswith("relay listening on wss://127.0.0.1:") and not self.found.done():
                 assert message.endswith(f"(networks: {NET}, {OTHER_NET})")
