@@ -64,14 +64,21 @@ demo: install
 	@$(MAKE) --no-print-directory system-packages
 	$(PY) netns-lab/demo.py --nat-a $(NAT_A) --nat-b $(NAT_B)
 
-# The benchmarks (root, in the lab): time to direct per NAT pair, then the relay -> direct switch
-# under the seed's geography (its RTT plot needs matplotlib: the "bench" extra). Reports go to bench/.
+# The benchmarks (root, in the lab; about 35 minutes on 2 cores): throughput and start-up against
+# wireguard-go, tinc and n2n (installed from Debian by bench/vpns.py itself; a row says so if one
+# cannot be), time to direct per NAT pair with relay bytes per set-up, the relay -> direct switch
+# under the seed's geography, one relay's capacity; then bench/results.md gathers every figure.
+# Plots need matplotlib (the "bench" extra). Each script also runs alone (see its --help).
+BENCH_PACKAGES := iperf3
 bench: install
-	@$(MAKE) --no-print-directory system-packages
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(APT_PACKAGES) $(BENCH_PACKAGES)"
 	@$(PY) -c "import matplotlib" 2>/dev/null || { echo "==> installing the bench extras (matplotlib)"; \
 	  $(PY) -m pip install -q -e '.[bench]'; }
+	$(PY) bench/throughput.py
 	$(PY) bench/time_to_direct.py
 	$(PY) bench/switch.py
+	$(PY) bench/relay_capacity.py
+	$(PY) bench/results.py
 
 lab-up: install
 	$(PY) netns-lab/lab.py up --nat-a $(NAT_A) --nat-b $(NAT_B) $(if $(PREFIX),--prefix $(PREFIX)) \

@@ -86,6 +86,8 @@ _F = TypeVar("_F", Hello, Auth, Ready, Release, Error)
 #: MAX_FRAME_SIZE and this, the relay answers FRAME_TOO_LARGE so the client
 #: learns why it was cut off.
 WEBSOCKET_MAX_SIZE = 2 * MAX_FRAME_SIZE
+#: Pending TCP connections the kernel queues for us (it caps this at net.core.somaxconn).
+LISTEN_BACKLOG = 1024
 
 #: Frame types only the relay may send; a client sending one is confused or hostile.
 _RELAY_ONLY_TYPES = frozenset(
@@ -356,6 +358,8 @@ class RelayServer:
                 max_size=WEBSOCKET_MAX_SIZE,
                 ping_interval=RELAY_KEEPALIVE_INTERVAL,
                 ping_timeout=RELAY_KEEPALIVE_INTERVAL,
+                # asyncio's default backlog (100) overflows under a few hundred logins a second.
+                backlog=LISTEN_BACKLOG,
             )
         except OSError as exc:
             raise RelayError(

@@ -79,8 +79,9 @@ RECONNECT_INITIAL_DELAY = 0.5
 RECONNECT_BACKOFF_FACTOR = 2.0
 RECONNECT_MAX_DELAY = 30.0
 #: Each wait is drawn from [delay * (1 - JITTER), delay], so that the clients of a relay
-#: that restarted do not all come back in the same instant (bench/relay_capacity.md: 10,000
-#: logins at once all time out; spread out, one relay process admits them all).
+#: that restarted do not all come back in the same instant (bench/relay_capacity.md: one
+#: relay process admits a few hundred logins a second; a storm beyond what it can admit
+#: within the login timeout times out and retries, later and more spread each time).
 RECONNECT_JITTER = 0.5
 
 #: Relay-side: time an unauthenticated connection has to complete HELLO/AUTH.
