@@ -103,5 +103,19 @@ class Context:
         }
 
 
+def missing_prerequisites(script: str, lab_module: ModuleType, *, plots: bool) -> str | None:
+    """Why ``script`` cannot run here (no matplotlib for its plots, the lab's tools or root missing), or None."""
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return f"{script}: the plots need matplotlib: .venv/bin/pip install -e '.[bench]'"
+    try:
+        lab_module.check_prerequisites()
+    except lab_module.LabError as exc:
+        return f"{script}: {exc}"
+    return None
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import BENCH, Context, load_netns_module, p95, write_json
+from common import BENCH, Context, load_netns_module, missing_prerequisites, p95, write_json
 
 TARGET = {"a": "10.10.10.4", "b": "10.10.10.3"}
 PING_INTERVAL_S = 0.01
@@ -314,15 +314,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.runs < 1 or args.count < 10:
         parser.error("--runs must be at least 1 and --count at least 10")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("switch: the plot needs matplotlib: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
-        return 1
-    try:
-        lab_module.check_prerequisites()
-    except lab_module.LabError as exc:
-        print(f"switch: {exc}", file=sys.stderr)
+    if problem := missing_prerequisites("switch", lab_module, plots=True):
+        print(problem, file=sys.stderr)
         return 1
     context = Context()
     workdir = Path(tempfile.mkdtemp(prefix="switch-"))

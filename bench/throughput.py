@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import vpns
-from common import BENCH, Context, write_json
+from common import BENCH, Context, missing_prerequisites, write_json
 
 lab_module = vpns.lab_module
 
@@ -693,15 +693,8 @@ def main() -> int:
         configs = select(args.systems)
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("throughput: the plot needs matplotlib: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
-        return 1
-    try:
-        lab_module.check_prerequisites()
-    except lab_module.LabError as exc:
-        print(f"throughput: {exc}", file=sys.stderr)
+    if problem := missing_prerequisites("throughput", lab_module, plots=True):
+        print(problem, file=sys.stderr)
         return 1
     if error := vpns.install_packages(["iperf3", "conntrack"]):
         print(f"throughput: {error}", file=sys.stderr)

@@ -343,12 +343,7 @@ class Session:
         except InvalidTag:
             return self._drop(DROP_AUTH)
 
-        self._replay.update(counter)
-        stats = self.stats
-        stats.rx_records += 1
-        stats.rx_bytes += size
-        stats.last_received = now
-        self._dead_reported = False
+        self._accept(counter, size, now)
         events, self._events = self._events, []
         if distance and distance <= MAX_EPOCHS_AHEAD:
             self._advance_recv(distance, now)
@@ -388,12 +383,7 @@ class Session:
             )
         except InvalidTag:
             return None
-        self._replay.update(counter)
-        stats = self.stats
-        stats.rx_records += 1
-        stats.rx_bytes += size
-        stats.last_received = now
-        self._dead_reported = False
+        self._accept(counter, size, now)
         return plaintext
 
     def close(self, reason: str, now: float) -> bytes:
@@ -547,6 +537,15 @@ class Session:
         else:
             self.stats.dropped_malformed += 1
             events.append(RecordDropped(DROP_MALFORMED))
+
+    def _accept(self, counter: int, size: int, now: float) -> None:
+        """A record authenticated: move the replay window, count it, and the peer is alive."""
+        self._replay.update(counter)
+        stats = self.stats
+        stats.rx_records += 1
+        stats.rx_bytes += size
+        stats.last_received = now
+        self._dead_reported = False
 
     def _drop(self, reason: str) -> list[SessionEvent]:
         stats = self.stats
