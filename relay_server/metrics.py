@@ -86,6 +86,8 @@ def render_metrics(
     clients_connected: int,
     connections_open: int,
     sessions: Iterable[SessionSample],
+    logins_pending: int = 0,
+    refused: dict[str, int] | None = None,
 ) -> str:
     """The whole ``/metrics`` page."""
     out = _Exposition()
@@ -142,6 +144,19 @@ def render_metrics(
         "counter",
         "Refused logins, by reason.",
         [({"reason": reason}, count) for reason, count in sorted(reasons.items())],
+    )
+    out.single(
+        "traversal_relay_logins_pending",
+        "gauge",
+        "Connections admitted to log in that have not finished.",
+        logins_pending,
+    )
+    out.family(
+        "traversal_relay_refused_total",
+        "counter",
+        "Connections turned away before their login: relay full, too many logins pending, "
+        "too many failed logins from the address.",
+        [({"reason": reason}, count) for reason, count in sorted((refused or {}).items())],
     )
     out.single(
         "traversal_relay_protocol_errors_total",

@@ -35,6 +35,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from relay_server.admission import (
+    DEFAULT_FAILURE_LIMIT,
+    DEFAULT_FAILURE_WINDOW,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_PENDING,
+    Admission,
+    AdmissionError,
+)
 from relay_server.metrics import CONTENT_TYPE, RelayCounters, SessionSample, render_metrics
 from relay_server.resources import prepare_process
 from transport.constants import (
@@ -159,6 +167,10 @@ class RelayConfig:
     key_rotation_interval: int = int(KEY_ROTATION_INTERVAL)
     auth_timeout: float = AUTH_TIMEOUT
     duplicate_ping_timeout: float = RELAY_DUPLICATE_PING_TIMEOUT
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_pending_logins: int = DEFAULT_MAX_PENDING
+    auth_failure_limit: int = DEFAULT_FAILURE_LIMIT
+    auth_failure_window: float = DEFAULT_FAILURE_WINDOW
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 0xFFFF:
@@ -172,7 +184,20 @@ class RelayConfig:
             raise RelayConfigError(f"key rotation interval must be at least 1 s, got {self.key_rotation_interval}")
         if self.auth_timeout <= 0 or self.duplicate_ping_timeout <= 0:
             raise RelayConfigError("auth timeout and duplicate-login ping timeout must be positive")
+        try:
+            self.admission()
+        except AdmissionError as exc:
+            raise RelayConfigError(str(exc)) from None
         self.networks = _validate_networks(self.networks)
+
+    def admission(self) -> Admission:
+        """A fresh admission policy with this configuration's limits."""
+        return Admission(
+            max_clients=self.max_clients,
+            max_pending=self.max_pending_logins,
+            failure_limit=self.auth_failure_limit,
+            failure_window=self.auth_failure_window,
+        )
 
 
 # --- state ---------------------------------------------------------------------------
@@ -327,6 +352,8 @@ class RelayServer:
         #: More /metrics lines from a component sharing the process (the STUN server).
         self._extra_metrics = extra_metrics
         self._networks = _validate_networks(config.networks)
+        self._admission = config.admission()
+        self._client_count = 0
         self.port: int = config.port
         self._server: Server | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -424,8 +451,10 @@ class RelayServer:
         """The Prometheus text exposition served at ``/metrics``."""
         text = render_metrics(
             self._counters,
-            clients_connected=sum(len(clients) for clients in self._clients.values()),
+            clients_connected=self._client_count,
             connections_open=len(self._connections),
+            logins_pending=self._admission.pending,
+            refused=self._admission.refused,
             sessions=[
                 SessionSample(s.label, s.bytes_a_to_b + s.bytes_b_to_a, s.frames_a_to_b + s.frames_b_to_a)
                 for s in self._sessions.values()
@@ -482,7 +511,7 @@ class RelayServer:
             if observed is None:
                 return  # gone before we looked
             addr = _format_addr(*observed)
-            client, new_sessions = await self._authenticate(ws, observed)
+            client, new_sessions = await self._admit_login(ws, observed, addr)
             # No await between admission and here: the client is in the registry
             # only while this handler owns it, so the finally below always cleans up.
             await self._announce(client, new_sessions)
@@ -552,6 +581,32 @@ class RelayServer:
                 f"{encode_public(identity)} to the members file of network '{network}'",
                 "not_a_member",
             )
+
+    async def _admit_login(
+        self, ws: ServerConnection, observed: tuple[str, int], addr: str
+    ) -> tuple[_Client, list[_Session]]:
+        """The admission policy first (a refusal costs the relay next to nothing), then the login."""
+        loop = asyncio.get_running_loop()
+        ip = observed[0]
+        refusal = self._admission.connect(ip, loop.time(), self._client_count)
+        if refusal is not None:
+            raise _ClientRefused(
+                ErrorCode.OVERLOADED,
+                refusal.message,
+                event="refused",
+                close_code=CloseCode.TRY_AGAIN_LATER,
+                metric_reason=refusal.reason,
+            )
+        failed = True
+        try:
+            result = await self._authenticate(ws, observed)
+            failed = False
+            return result
+        except _ClientRefused as login_refusal:
+            failed = login_refusal.code != ErrorCode.DUPLICATE_LOGIN
+            raise
+        finally:
+            self._admission.login_ended(ip, loop.time(), failed=failed)
 
     async def _authenticate(self, ws: ServerConnection, observed: tuple[str, int]) -> tuple[_Client, list[_Session]]:
         """HELLO, CHALLENGE, AUTH, membership, duplicate check; on success the client is admitted."""
@@ -661,6 +716,7 @@ class RelayServer:
             sessions.append(session)
             self._counters.sessions_created += 1
         peers[client.identity] = client
+        self._client_count += 1
         return sessions
 
     async def _serve(self, client: _Client) -> None:
@@ -798,6 +854,7 @@ class RelayServer:
         peers = self._clients.get(client.network, {})
         if peers.get(client.identity) is client:
             del peers[client.identity]
+            self._client_count -= 1
             if not peers:
                 self._clients.pop(client.network, None)
         notes = []
@@ -836,7 +893,10 @@ class RelayServer:
         await client.ws.close(CloseCode.POLICY_VIOLATION, "no longer a member")
 
     def _record_refusal(self, addr: str, client: _Client | None, refusal: _ClientRefused) -> None:
-        if refusal.event == "auth_failed":
+        if refusal.event == "refused":
+            # Counted by the admission policy (its reasons are /metrics labels).
+            log.info(_kv("refused", addr=addr, reason=refusal.metric_reason, detail=refusal.reason))
+        elif refusal.event == "auth_failed":
             self._counters.auth_failures[refusal.metric_reason] += 1
             log.info(
                 _kv(

@@ -185,6 +185,46 @@ def genpsk(out: str, force: bool) -> None:
     metavar="IP:PORT",
     help="Alternate STUN address (another IP and another port) for RFC 5780 NAT behaviour discovery.",
 )
+@click.option(
+    "--max-clients",
+    "max_clients",
+    type=click.IntRange(1),
+    default=20_000,
+    show_default=True,
+    help="Logged-in clients at once; one more is told OVERLOADED (and retries later).",
+)
+@click.option(
+    "--max-pending-logins",
+    "max_pending_logins",
+    type=click.IntRange(1),
+    default=1_000,
+    show_default=True,
+    help="Connections still logging in at once (each has --auth-timeout too).",
+)
+@click.option(
+    "--auth-timeout",
+    "auth_timeout",
+    type=click.FloatRange(0.5, 120),
+    default=10.0,
+    show_default=True,
+    help="Seconds a connection may take to log in.",
+)
+@click.option(
+    "--auth-failures",
+    "auth_failures",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    help="Failed logins from one IP address within --auth-failure-window before it is turned away.",
+)
+@click.option(
+    "--auth-failure-window",
+    "auth_failure_window",
+    type=click.FloatRange(1, 86400),
+    default=60.0,
+    show_default=True,
+    help="Seconds over which failed logins per IP address are counted.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def relay(
     listen: str,
@@ -198,6 +238,11 @@ def relay(
     key_rotation: int | None,
     stun: str | None,
     stun_alt: str | None,
+    max_clients: int,
+    max_pending_logins: int,
+    auth_timeout: float,
+    auth_failures: int,
+    auth_failure_window: float,
     verbose: bool,
 ) -> None:
     """Run the relay: login, pairing, end-to-end message forwarding, /metrics; optionally STUN."""
@@ -238,7 +283,13 @@ def relay(
         raise UserError(str(exc)) from None
     if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
         raise UserError(f"--mtu must be between {MIN_MTU} and {MAX_MTU}")
-    overrides: dict[str, int] = {}
+    overrides: dict[str, int | float] = {
+        "max_clients": max_clients,
+        "max_pending_logins": max_pending_logins,
+        "auth_timeout": auth_timeout,
+        "auth_failure_limit": auth_failures,
+        "auth_failure_window": auth_failure_window,
+    }
     if mtu is not None:
         overrides["mtu"] = mtu
     if heartbeat is not None:

@@ -16,7 +16,7 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,13 @@ async def expect_forwarding(a: Peer, b: Peer, session_id: bytes) -> None:
         wire = encode_session_frame(MsgType.DATA, session_id, random.randbytes(100))
         await sender.send(wire)
         assert await receiver.recv_raw() == wire
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = STEP) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting for a condition"
+        await asyncio.sleep(0.01)
 
 
 def metric(text: str, name: str) -> float:
@@ -705,7 +712,8 @@ def test_random_garbage_never_breaks_the_relay(tmp_path: Path) -> None:
     rng = random.Random(20240601)
 
     async def main() -> None:
-        async with relay_running(tmp_path, {NET: members(a_key, b_key)}) as h:
+        # Failed logins are limited per address (tested below); here every junk connection gets in.
+        async with relay_running(tmp_path, {NET: members(a_key, b_key)}, auth_failure_limit=1000) as h:
             a, b, sid = await h.pair(a_key, b_key)
             for _ in range(25):
                 junk = bytes([frames.WIRE_VERSION, rng.randrange(256)]) + rng.randbytes(rng.randrange(0, 80))
@@ -719,6 +727,79 @@ def test_random_garbage_never_breaks_the_relay(tmp_path: Path) -> None:
                 assert isinstance(frame, (Error, Challenge)), frame
                 await ws.close()
             await expect_forwarding(a, b, sid)
+
+    run(main())
+
+
+# --- admission limits ------------------------------------------------------------------------
+
+
+def test_a_full_relay_refuses_with_overloaded_and_admits_again_when_a_client_leaves(tmp_path: Path) -> None:
+    a_key, b_key, c_key = keys(3)
+
+    async def main() -> None:
+        async with relay_running(tmp_path, {NET: members(a_key, b_key, c_key)}, max_clients=2) as h:
+            a, b, _ = await h.pair(a_key, b_key)
+            ws = await h.open()
+            error = await expect_refused(ws, ErrorCode.OVERLOADED, 1013)
+            assert "full" in error.reason, error
+            text = h.relay.metrics_text()
+            assert metric(text, 'traversal_relay_refused_total{reason="full"}') == 1
+            assert metric(text, "traversal_relay_clients_connected") == 2
+            await a.ws.close()
+            await wait_until(lambda: metric(h.relay.metrics_text(), "traversal_relay_clients_connected") == 1)
+            assert isinstance(await b.recv(), PeerLeft)
+            c = await h.login(c_key)
+            assert isinstance(await b.recv(), PeerJoined)  # b and the newcomer pair as usual
+            await c.ws.close()
+            await b.ws.close()
+
+    run(main())
+
+
+def test_logins_in_progress_are_bounded(tmp_path: Path) -> None:
+    (a_key,) = keys(1)
+
+    async def main() -> None:
+        async with relay_running(tmp_path, {NET: members(a_key)}, max_pending_logins=3, auth_timeout=1.0) as h:
+            silent = [await h.open() for _ in range(3)]  # connected, never say HELLO
+            await wait_until(lambda: metric(h.relay.metrics_text(), "traversal_relay_logins_pending") == 3)
+            late = await h.open()
+            error = await expect_refused(late, ErrorCode.OVERLOADED, 1013)
+            assert "in progress" in error.reason, error
+            # The silent ones time out of their login; then members get in again.
+            for ws in silent:
+                await expect_refused(ws, ErrorCode.AUTH_TIMEOUT, 1008)
+            a = await h.login(a_key)
+            text = h.relay.metrics_text()
+            assert metric(text, 'traversal_relay_refused_total{reason="pending"}') == 1
+            assert metric(text, "traversal_relay_logins_pending") == 0
+            await a.ws.close()
+
+    run(main())
+
+
+def test_an_address_with_too_many_failed_logins_waits_out_the_window(tmp_path: Path) -> None:
+    member, stranger = keys(2)
+
+    async def main() -> None:
+        limits = {"auth_failure_limit": 3, "auth_failure_window": 1.0}
+        async with relay_running(tmp_path, {NET: members(member)}, **limits) as h:
+            for _ in range(3):
+                ws = await h.open()
+                await ws.send(encode(Hello(NET, public_bytes(stranger), True)))
+                assert isinstance(decode(await asyncio.wait_for(ws.recv(), STEP)), Challenge)
+                await ws.send(encode(Auth(bytes(64))))  # a signature that cannot verify
+                await expect_refused(ws, ErrorCode.BAD_SIGNATURE, 1008)
+            # Now even a member is turned away from this address, before any signature check...
+            ws = await h.open()
+            error = await expect_refused(ws, ErrorCode.OVERLOADED, 1013)
+            assert "3 failed logins from 127.0.0.1" in error.reason, error
+            assert metric(h.relay.metrics_text(), 'traversal_relay_refused_total{reason="failures"}') == 1
+            # ...until the window has passed.
+            await asyncio.sleep(1.1)
+            a = await h.login(member)
+            await a.ws.close()
 
     run(main())
 
