@@ -20,7 +20,7 @@ DELAY_B ?=
 RELAY_DELAY_A ?=
 RELAY_DELAY_B ?=
 
-.PHONY: all install system-packages test unit lint demo bench lab-up lab-down lab-status clean
+.PHONY: all install system-packages test unit lint demo bench fuzz lab-up lab-down lab-status clean
 
 all: test
 
@@ -63,6 +63,21 @@ unit: install
 demo: install
 	@$(MAKE) --no-print-directory system-packages
 	$(PY) netns-lab/demo.py --nat-a $(NAT_A) --nat-b $(NAT_B)
+
+# Coverage-guided fuzzing (atheris) of the frame decoder, the STUN decoder, the handshake and the
+# config reader, FUZZ_SECONDS each, growing the corpus kept in fuzz/corpus/ (commit what it adds).
+# A crash stops with the input saved as fuzz/crash-*. `make test` runs a short pass of each.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := frames stun handshake config
+fuzz: install
+	@for target in $(FUZZ_TARGETS); do \
+	  echo "==> fuzzing $$target for $(FUZZ_SECONDS) s (log: /tmp/traversal-fuzz-$$target.log)"; \
+	  $(PY) fuzz/run.py $$target fuzz/corpus/$$target -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=fuzz/crash-$$target- -print_final_stats=1 >/tmp/traversal-fuzz-$$target.log 2>&1; \
+	  rc=$$?; grep -E "^(Done|stat::(number_of_executed_units|new_units_added))" /tmp/traversal-fuzz-$$target.log; \
+	  if [ $$rc != 0 ]; then tail -n 30 /tmp/traversal-fuzz-$$target.log; \
+	    echo "error: $$target crashed; the input is in fuzz/crash-$$target-*"; exit 1; fi; \
+	done
 
 # The benchmarks (root, in the lab; about 35 minutes on 2 cores): throughput and start-up against
 # wireguard-go, tinc and n2n (installed from Debian by bench/vpns.py itself; a row says so if one
