@@ -35,9 +35,11 @@ import errno
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from relay_server.ratelimit import RateLimiter
 from traversal.logfmt import log_event
 from traversal.stun import (
     BINDING,
@@ -103,6 +105,7 @@ class StunCounters:
     dropped_malformed: int = 0
     dropped_non_stun: int = 0
     dropped_unexpected: int = 0
+    dropped_rate_limited: int = 0
 
 
 def _parse_ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -262,6 +265,7 @@ _DROP_REASONS = (
     ("dropped_malformed", "malformed"),
     ("dropped_non_stun", "non_stun"),
     ("dropped_unexpected", "unexpected"),
+    ("dropped_rate_limited", "rate_limited"),
 )
 
 
@@ -278,7 +282,8 @@ def metrics_lines(counters: StunCounters, *, rfc5780: bool | None = None) -> lis
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {getattr(counters, attr)}"]
     name = "traversal_stun_dropped_total"
     lines += [
-        f"# HELP {name} Datagrams dropped unanswered, by reason (malformed, non_stun, unexpected class).",
+        f"# HELP {name} Datagrams dropped unanswered, by reason (malformed, non_stun, unexpected class, "
+        "over the per-source rate).",
         f"# TYPE {name} counter",
     ]
     lines += [f'{name}{{reason="{reason}"}} {getattr(counters, attr)}' for attr, reason in _DROP_REASONS]
@@ -307,7 +312,14 @@ class StunServer:
     ports such that all four combinations can be bound.
     """
 
-    def __init__(self, primary: Address, alternate: Address | None = None, *, software: str | None = SOFTWARE) -> None:
+    def __init__(
+        self,
+        primary: Address,
+        alternate: Address | None = None,
+        *,
+        software: str | None = SOFTWARE,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         # Validate early (same rules as the core) so the CLI can fail before binding anything.
         StunServerCore((primary[0], primary[1] or 1), None if alternate is None else (alternate[0], alternate[1] or 2))
         if alternate is not None and (primary[1] == 0) != (alternate[1] == 0):
@@ -317,6 +329,8 @@ class StunServer:
         self._software = software
         self._transports: dict[Address, asyncio.DatagramTransport] = {}
         self.core: StunServerCore | None = None
+        #: Requests per source IP address (a flood from one source is dropped, not answered).
+        self._limiter = limiter if limiter is not None else RateLimiter()
 
     @property
     def counters(self) -> StunCounters:
@@ -397,6 +411,9 @@ class StunServer:
 
     def _received(self, data: bytes, source: Address, local: Address) -> None:
         assert self.core is not None
+        if not self._limiter.allow(source[0], time.monotonic()):
+            self.core.counters.dropped_rate_limited += 1  # never answered: no amplification, no oracle
+            return
         for out in self.core.handle_datagram(data, source, local):
             transport = self._transports.get(out.source)
             if transport is not None and not transport.is_closing():

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import struct
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay_server.ratelimit import RateLimiter
 from relay_server.server import RelayConfig, RelayServer
 from relay_server.stun_server import (
     SOFTWARE,
@@ -218,6 +220,7 @@ def test_metrics_lines() -> None:
         'traversal_stun_dropped_total{reason="malformed"}': "3",
         'traversal_stun_dropped_total{reason="non_stun"}': "0",
         'traversal_stun_dropped_total{reason="unexpected"}': "0",
+        'traversal_stun_dropped_total{reason="rate_limited"}': "0",
     }
     for name in {key.split("{")[0] for key in samples}:
         assert f"# TYPE {name} " in "\n".join(lines)
@@ -464,5 +467,41 @@ def test_relay_metrics_carry_the_stun_lines() -> None:
     counters = StunCounters(requests=3)
     text = RelayServer(config, extra_metrics=lambda: metrics_lines(counters, rfc5780=False)).metrics_text()
     assert "traversal_relay_clients_connected 0\n" in text
-    assert text.endswith('traversal_stun_dropped_total{reason="unexpected"} 0\n')
+    assert text.endswith('traversal_stun_dropped_total{reason="rate_limited"} 0\n')
     assert "\ntraversal_stun_requests_total 3\n" in text and "\ntraversal_stun_rfc5780 0\n" in text
+
+
+# --- per-source rate limit ---------------------------------------------------------------------
+
+
+def test_rate_limiter_refills_over_time_and_keeps_sources_apart() -> None:
+    limiter = RateLimiter(rate=10.0, burst=3)
+    assert [limiter.allow("192.0.2.1", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("198.51.100.1", 0.0)  # another source has its own bucket
+    assert not limiter.allow("192.0.2.1", 0.05)  # half a token back
+    assert limiter.allow("192.0.2.1", 0.11)
+    with pytest.raises(ValueError):
+        RateLimiter(rate=0)
+
+
+def test_a_flood_from_one_source_is_dropped_unanswered_and_counted() -> None:
+    async def main() -> None:
+        server = StunServer(("127.0.0.1", 0), limiter=RateLimiter(rate=1.0, burst=5))
+        await server.start()
+        flood, flood_got = await _client()
+        try:
+            for _ in range(20):
+                flood.sendto(binding_request().encode(), server.primary)
+            answers = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    await asyncio.wait_for(flood_got.queue.get(), 0.5)
+                    answers += 1
+            assert answers == 5  # the burst, then nothing: no amplification of a flood
+            assert server.counters.dropped_rate_limited == 15
+            assert 'traversal_stun_dropped_total{reason="rate_limited"} 15' in server.metrics_lines()
+        finally:
+            flood.close()
+            await server.close()
+
+    _run(main)
