@@ -73,6 +73,10 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+class BenchError(Exception):
+    """A run could not be measured; the message says which and where its logs are."""
+
+
 class Context:
     """Date, machine, command and the load average at start and end of one benchmark run."""
 

@@ -69,7 +69,7 @@ from typing import Any
 
 import cryptography
 import websockets
-from common import BENCH, Context, median, p95, write_json
+from common import BENCH, BenchError, Context, median, p95, write_json
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.protocol import State
 
@@ -114,10 +114,6 @@ STOCK_BUFFER_MEASURED = "at 10,000 clients on 2026-11-27"
 #: glibc malloc's initial mmap threshold: larger blocks are mmapped (and unmapped when freed), smaller come
 #: from the heap. It rises to the size of a freed mmapped block, up to 32 MiB (mallopt(3), M_MMAP_THRESHOLD).
 GLIBC_MMAP_THRESHOLD = 128 * 1024
-
-
-class BenchError(Exception):
-    """The bench cannot go on; the message says why."""
 
 
 class SetupFailed(Exception):

@@ -94,29 +94,26 @@ def targets(data: dict[str, dict[str, Any] | None]) -> list[str]:
     ttd = data["time_to_direct"]
     if ttd:
         cone = _pair(ttd, "cone-cone")
-        if cone and cone["to_direct_median_s"] is not None:
-            ok = cone["to_direct_median_s"] <= 0.150 and cone["to_direct_p95_s"] <= 0.500
+        checks: list[tuple[str, str, Any]] = [
+            (
+                "cone-cone",
+                "median <= 150 ms, p95 <= 500 ms",
+                lambda p: p["to_direct_median_s"] <= 0.150 and p["to_direct_p95_s"] <= 0.500,
+            ),
+            ("cone-symseq", "p95 <= 2 s", lambda p: p["to_direct_p95_s"] <= 2.0),
+            ("symseq-symseq", "p95 <= 2 s", lambda p: p["to_direct_p95_s"] <= 2.0),
+            ("cone-cone@geo", "(report)", None),
+            ("symseq-symseq@geo", "(report)", None),
+        ]
+        for key, goal, check in checks:
+            pair = _pair(ttd, key)
+            if pair is None or pair["to_direct_median_s"] is None:
+                continue
             rows.append(
-                f"| ESTABLISHED -> direct, cone x cone, {cone['runs']} runs: median <= 150 ms, p95 <= 500 ms "
-                f"| median {_seconds(cone['to_direct_median_s'])}, p95 {_seconds(cone['to_direct_p95_s'])} "
-                f"| {_verdict(ok)} | time_to_direct |"
+                f"| ESTABLISHED -> direct, {pair['label']}, {pair['runs']} runs: {goal} "
+                f"| median {_seconds(pair['to_direct_median_s'])}, p95 {_seconds(pair['to_direct_p95_s'])} "
+                f"| {_verdict(None if check is None else check(pair))} | time_to_direct |"
             )
-        for key in ("cone-symseq", "symseq-symseq"):
-            pair = _pair(ttd, key)
-            if pair and pair["to_direct_p95_s"] is not None:
-                rows.append(
-                    f"| ESTABLISHED -> direct, {pair['label']}, {pair['runs']} runs: p95 <= 2 s "
-                    f"| median {_seconds(pair['to_direct_median_s'])}, p95 {_seconds(pair['to_direct_p95_s'])} "
-                    f"| {_verdict(pair['to_direct_p95_s'] <= 2.0)} | time_to_direct |"
-                )
-        for key in ("cone-cone@geo", "symseq-symseq@geo"):
-            pair = _pair(ttd, key)
-            if pair and pair["to_direct_median_s"] is not None:
-                rows.append(
-                    f"| {pair['label']}: ESTABLISHED -> direct (report) "
-                    f"| median {_seconds(pair['to_direct_median_s'])}, p95 {_seconds(pair['to_direct_p95_s'])} "
-                    f"| - | time_to_direct |"
-                )
         if cone and cone["relay_forwarded_bytes_median"] is not None:
             forwarded = cone["relay_forwarded_bytes_median"]
             wire = cone["relay_wire_bytes_median"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import BENCH, Context, load_netns_module, missing_prerequisites, p95, write_json
+from common import BENCH, BenchError, Context, load_netns_module, missing_prerequisites, p95, write_json
 
 TARGET = {"a": "10.10.10.4", "b": "10.10.10.3"}
 PING_INTERVAL_S = 0.01
@@ -47,10 +47,6 @@ VALIDATED = 'path=direct reason="validated both ways'
 
 lab_module = load_netns_module("lab")
 overlay_module = load_netns_module("overlay")
-
-
-class BenchError(Exception):
-    """A run could not be measured; the message says which and where its logs are."""
 
 
 @dataclass

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import BENCH, Context, load_netns_module, median, p95, write_json
+from common import BENCH, BenchError, Context, load_netns_module, median, p95, write_json
 
 #: (nat a, nat b, with the seed's geography).
 PAIRS = [
@@ -67,10 +67,6 @@ PEER_B_ADDRESS = "10.10.10.4"
 
 lab_module = load_netns_module("lab")
 overlay_module = load_netns_module("overlay")
-
-
-class BenchError(Exception):
-    """A run could not be measured; the message says which and where its logs are."""
 
 
 @dataclass

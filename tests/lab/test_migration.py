@@ -120,6 +120,19 @@ def _wait_relay(run: Any, name: str, timeout: float = SETTLE_TIMEOUT_S) -> dict[
     return _wait(run, name, ready, "on the relay both ways", timeout)
 
 
+def _cut_direct_path(run: Any, pings: dict[str, Any]) -> tuple[float, Any, float]:
+    """Once pings flow, cut the direct path at nat-a; wait until both sides saw it die and resumed
+    the session on the relay. Returns (when cut, the drop rule's handle, when resumed on both)."""
+    for ping in pings.values():
+        ping.wait_answered(50, 10)
+    cut_at = time.time()
+    handle = run.insert_drop_rule("nat-a")
+    for name in ("a", "b"):
+        _wait_log(run, name, DIRECT_DEAD, 15)
+    resumed_at = max(_wait_log(run, name, "event=session_resumed", 20) for name in ("a", "b"))
+    return cut_at, handle, resumed_at
+
+
 def _wait_log(run: Any, name: str, needle: str, timeout: float = SETTLE_TIMEOUT_S, count: int = 1) -> float:
     """Wait for ``count`` log lines of ``name`` with ``needle``; returns when the last one was logged."""
     try:
@@ -282,13 +295,7 @@ def test_direct_path_cut_falls_back_to_the_relay_and_returns(geo: Callable[..., 
     run.start_peers(FAST_RETRY)
     e2e = {name: _wait_direct(run, name)["e2e_session"] for name in ("a", "b")}
     pings = _start_pings(run, 3000, "cut")
-    for ping in pings.values():
-        ping.wait_answered(50, 10)
-    cut_at = time.time()
-    handle = run.insert_drop_rule("nat-a")
-    for name in ("a", "b"):
-        _wait_log(run, name, DIRECT_DEAD, 15)
-    resumed_at = max(_wait_log(run, name, "event=session_resumed", 20) for name in ("a", "b"))
+    cut_at, handle, resumed_at = _cut_direct_path(run, pings)
     for name in ("a", "b"):
         peer = _wait_relay(run, name, 10)
         assert peer["e2e_session"] == e2e[name], peer
@@ -419,13 +426,7 @@ def test_key_rotation_on_the_relay_after_a_fallback_and_back_on_direct(geo: Call
         assert "rekey=10 " in run.log_text(name), _logs(run)
         assert "event=key_rotated" not in run.log_text(name), "rotated before the test began"
     pings = _start_pings(run, 3000, "rekey")
-    for ping in pings.values():
-        ping.wait_answered(50, 10)
-    cut_at = time.time()
-    handle = run.insert_drop_rule("nat-a")
-    for name in ("a", "b"):
-        _wait_log(run, name, DIRECT_DEAD, 15)
-    resumed_at = max(_wait_log(run, name, "event=session_resumed", 20) for name in ("a", "b"))
+    cut_at, handle, resumed_at = _cut_direct_path(run, pings)
     # Each side's "recv" rotation means both directions moved on: the peer's send key, then ours.
     rotated_on_relay = max(_wait_log(run, name, "direction=recv epoch=1", 20) for name in ("a", "b"))
     assert resumed_at < rotated_on_relay, _logs(run)

@@ -57,21 +57,19 @@ async def carriages(
     got_b: list[bytes] = []
     connected: list[str] = []
     closed: list[str] = []
-    carriage_a = DirectCarriage(
-        agent_a,
-        quic_a,
-        on_frame=got_a.append,
-        on_connected=lambda: connected.append("a"),
-        on_closed=closed.append,
-        lean=lean_a,
-    )
-    carriage_b = DirectCarriage(
-        agent_b,
-        quic_b,
-        on_frame=got_b.append,
-        on_connected=lambda: connected.append("b"),
-        on_closed=closed.append,
-        lean=lean_b,
+    carriage_a, carriage_b = (
+        DirectCarriage(
+            agent,
+            quic,
+            on_frame=got.append,
+            on_connected=lambda name=name: connected.append(name),  # type: ignore[misc]
+            on_closed=closed.append,
+            lean=lean,
+        )
+        for name, agent, quic, got, lean in (
+            ("a", agent_a, quic_a, got_a, lean_a),
+            ("b", agent_b, quic_b, got_b, lean_b),
+        )
     )
     carriage_b.start()
     carriage_a.start()
