@@ -135,10 +135,10 @@ class Overlay:
         self.procs[name] = proc
         return proc
 
-    def start_relay(self, members: Path, *, extra: list[str] | None = None) -> None:
+    def start_relay(self, members: Path, *, extra: list[str] | None = None, command: list[str] | None = None) -> None:
+        """Start the relay in the WAN namespace; ``command`` replaces ``traversal relay`` (the hostile relay)."""
         argv = [
-            *self.command,
-            "relay",
+            *(command or [*self.command, "relay"]),
             "--listen",
             f"{RELAY_IP}:{self.relay_port}",
             "--members",
@@ -351,14 +351,17 @@ class Overlay:
 
     def metrics(self) -> dict[str, float]:
         """The relay's /metrics, fetched over TLS from inside the WAN namespace."""
+        return parse_metrics(self.relay_get("/metrics"))
+
+    def relay_get(self, path: str) -> str:
+        """GET ``path`` from the relay's port over TLS, from inside the WAN namespace; the body."""
         code = (
             "import ssl,sys,urllib.request;"
             f"c=ssl.create_default_context(cafile={str(self.cert)!r});"
-            f"sys.stdout.write(urllib.request.urlopen('https://{RELAY_IP}:{self.relay_port}/metrics',"
+            f"sys.stdout.write(urllib.request.urlopen('https://{RELAY_IP}:{self.relay_port}{path}',"
             "context=c,timeout=5).read().decode())"
         )
-        proc = self.lab.run("wan", sys.executable, "-c", code, timeout=20)
-        return parse_metrics(proc.stdout)
+        return self.lab.run("wan", sys.executable, "-c", code, timeout=20).stdout
 
 
 def first_peer(status: dict[str, Any] | None) -> dict[str, Any] | None:
