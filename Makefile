@@ -79,10 +79,13 @@ fuzz: install
 	    echo "error: $$target crashed; the input is in fuzz/crash-$$target-*"; exit 1; fi; \
 	done
 
-# The benchmarks (root, in the lab; about 35 minutes on 2 cores): throughput and start-up against
+# The benchmarks (root, in the lab; about 45 minutes on 2 cores): throughput and start-up against
 # wireguard-go, tinc and n2n (installed from Debian by bench/vpns.py itself; a row says so if one
 # cannot be), time to direct per NAT pair with relay bytes per set-up, the relay -> direct switch
-# under the seed's geography, one relay's capacity; then bench/results.md gathers every figure.
+# under the seed's geography, one relay's capacity, a 10-minute soak with the direct path cut every
+# 30 s (bench/soak.py), the relay under hostile clients (bench/hostile_clients.py), a 16-peer full
+# mesh (bench/mesh.py, about 3 minutes); then
+# bench/results.md gathers every figure.
 # Plots need matplotlib (the "bench" extra). Each script also runs alone (see its --help).
 BENCH_PACKAGES := iperf3
 bench: install
@@ -93,6 +96,9 @@ bench: install
 	$(PY) bench/time_to_direct.py
 	$(PY) bench/switch.py
 	$(PY) bench/relay_capacity.py
+	$(PY) bench/soak.py
+	$(PY) bench/hostile_clients.py
+	$(PY) bench/mesh.py
 	$(PY) bench/results.py
 
 lab-up: install

@@ -1,10 +1,10 @@
 """Gather the benchmarks' JSON figures into bench/results.md: every target of issue 6, measured.
 
 Reads what the other bench scripts wrote (``throughput.json``, ``time_to_direct.json``,
-``switch.json``, ``relay_capacity.json`` in bench/) and writes one page: each target with
-the figure measured against it and the verdict, then the main tables, with links to the
-detailed reports and plots. Each source keeps its own date, machine, load and command;
-this page repeats them per section. A missing source is reported as such, not skipped.
+``switch.json``, ``relay_capacity.json``, ``soak.json``, ``hostile_clients.json`` in bench/) and
+writes one page: each target with the figure measured against it and the verdict, then the main
+tables, with links to the detailed reports and plots. Each source keeps its own date, machine,
+load and command; this page repeats them per section. A missing source is reported as such, not skipped.
 
 Run after the benchmarks (``make bench`` does): ``.venv/bin/python bench/results.py``.
 """
@@ -24,12 +24,18 @@ SOURCES = {
     "time_to_direct": "time_to_direct.json",
     "switch": "switch.json",
     "relay_capacity": "relay_capacity.json",
+    "soak": "soak.json",
+    "hostile_clients": "hostile_clients.json",
+    "mesh": "mesh.json",
 }
 REPORTS = {
     "throughput": "throughput.md",
     "time_to_direct": "time_to_direct.md",
     "switch": "switch.md",
     "relay_capacity": "relay_capacity.md",
+    "soak": "soak.md",
+    "hostile_clients": "hostile_clients.md",
+    "mesh": "mesh.md",
 }
 
 
@@ -139,6 +145,8 @@ def targets(data: dict[str, dict[str, Any] | None]) -> list[str]:
         rows.extend(capacity_rows(capacity))
     else:
         rows.append("| relay capacity | not measured (no relay_capacity.json) | - | relay_capacity |")
+    soak = data.get("soak")
+    rows.extend(soak_rows(soak) if soak else ["| soak | not measured (no soak.json) | - | soak |"])
     return rows
 
 
@@ -156,6 +164,54 @@ def capacity_rows(capacity: dict[str, Any]) -> list[str]:
             f"{headline.get('relay_cpu_ms_per_setup', 0):.1f} ms per set-up | - | relay_capacity |"
         )
     return rows
+
+
+def soak_rows(soak: dict[str, Any]) -> list[str]:
+    """The soak's verdict (bench/soak.py): data intact, no stuck session, memory within its bound."""
+    figures = soak.get("summary", {})
+    config = soak.get("config", {})
+    failed = [c["check"] for c in figures.get("checks", []) if not c["ok"]]
+    growth = ", ".join(f"{n} {m['growth_after_warmup_mib']:+.1f}" for n, m in figures.get("memory", {}).items())
+    fall_back, back = figures.get("fall_back_s", {}), figures.get("return_to_direct_s", {})
+    tcp = soak.get("tcp", {})
+    intact = tcp.get("sent", {}).get("sha256") == tcp.get("received", {}).get("sha256")
+    return [
+        f"| soak, {config.get('duration_s', 0) / 60:.0f} min of traffic with the direct path cut every "
+        f"{config.get('cut_every_s', 0):g} s: data intact, no stuck session, RSS growth < "
+        f"{config.get('rss_bound_mib', 0):g} MiB per process | {figures.get('cuts', 0)} cuts, "
+        f"{figures.get('cuts_stuck', 0)} stuck; fall-back median {_seconds(fall_back.get('median'))} "
+        f"(max {_seconds(fall_back.get('max'))}), back on direct median {_seconds(back.get('median'))} "
+        f"(max {_seconds(back.get('max'))}); TCP {tcp.get('received', {}).get('bytes', 0) / 2**20:.0f} MiB, "
+        f"SHA-256 {'equal' if intact else 'different'}; RSS growth MiB: {growth}"
+        f"{'; failed: ' + '; '.join(failed) if failed else ''} | {_verdict(figures.get('passed'))} | soak |"
+    ]
+
+
+def soak_lines(soak: dict[str, Any]) -> list[str]:
+    """A few lines on the soak: per-cut times and losses, and each process's memory."""
+    figures = soak.get("summary", {})
+    lines = [
+        "| per cut | median | max |",
+        "|---|---|---|",
+    ]
+    for key, label in (
+        ("fall_back_s", "cut -> fall-back to the relay (s)"),
+        ("return_to_direct_s", "rule lifted -> back on direct (s)"),
+        ("ping_lost_per_cut", "pings lost (every 0.2 s)"),
+        ("tcp_stall_per_cut_s", "longest TCP delivery pause (s)"),
+    ):
+        cell = figures.get(key, {})
+        lines.append(f"| {label} | {cell.get('median', '-')} | {cell.get('max', '-')} |")
+    lines += ["", "| process | RSS start | max | end | growth after warm-up |", "|---|---|---|---|---|"]
+    for name, m in figures.get("memory", {}).items():
+        lines.append(
+            f"| {name} | {m['rss_start_mib']} MiB | {m['rss_max_mib']} MiB | {m['rss_end_mib']} MiB "
+            f"| {m['growth_after_warmup_mib']:+.1f} MiB |"
+        )
+    forwarded = figures.get("relay_forwarded_bytes")
+    if forwarded is not None:
+        lines += ["", f"The relay forwarded {forwarded / 1e6:.1f} MB during the soak (the traffic of the fall-backs)."]
+    return lines
 
 
 def first_ping_rows(throughput: dict[str, Any]) -> list[str]:
@@ -259,12 +315,24 @@ def render(data: dict[str, dict[str, Any] | None], context: Context) -> str:
     lines += ["## Relay capacity", "", _provenance(capacity, "relay_capacity"), ""]
     if capacity:
         lines += [*capacity.get("summary_markdown", []), ""]
+    soak = data.get("soak")
+    lines += ["## Soak: traffic with the direct path cut at random", "", _provenance(soak, "soak"), ""]
+    if soak:
+        lines += [*soak_lines(soak), ""]
+    hostile = data.get("hostile_clients")
+    lines += ["## The relay under hostile clients", "", _provenance(hostile, "hostile_clients"), ""]
+    if hostile:
+        lines += [*hostile.get("summary_markdown", []), ""]
+    mesh = data.get("mesh")
+    lines += ["## Full mesh: 16 peers on one network", "", _provenance(mesh, "mesh"), ""]
+    if mesh:
+        lines += [*mesh.get("summary_markdown", []), ""]
     lines += [
         "## Reproduce",
         "",
         "`make bench` (root; installs iperf3, wireguard-go, tinc and n2n from Debian if missing) runs",
-        "`bench/throughput.py`, `bench/time_to_direct.py`, `bench/switch.py` and `bench/relay_capacity.py`,",
-        "then this script.",
+        "`bench/throughput.py`, `bench/time_to_direct.py`, `bench/switch.py`, `bench/relay_capacity.py`,",
+        "`bench/soak.py` and `bench/hostile_clients.py`, then this script.",
     ]
     return "\n".join(lines)
 

@@ -87,7 +87,12 @@ PREFIXLEN6 = 64
 #: Prefixes are short and start with "tv" so crashed runs are recognisable and namespace
 #: names stay readable; the random part keeps parallel runs apart.
 PREFIX_RE = re.compile(r"^tv[0-9a-z]{1,12}$")
-NAMESPACE_RE = re.compile(r"^(tv[0-9a-z]{1,12})-(" + "|".join(re.escape(r) for r in ALL_ROLES) + r")$")
+#: Roles of the multi-site labs of netns-lab/mesh.py (MeshLab): a NAT per site sK (and a CGN
+#: for a ``double`` site), a host per peer pN, K and N from 1 to 99.
+MESH_ROLE_PATTERNS = (r"nat-s[1-9][0-9]?", r"cgn-s[1-9][0-9]?", r"host-p[1-9][0-9]?")
+NAMESPACE_RE = re.compile(
+    r"^(tv[0-9a-z]{1,12})-(" + "|".join([*(re.escape(r) for r in ALL_ROLES), *MESH_ROLE_PATTERNS]) + r")$"
+)
 
 STATE_DIR = Path("/run/traversal-lab")
 
@@ -792,6 +797,8 @@ class Lab:
             state = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise LabError(f"no lab with prefix {prefix!r} (no {path}); see `lab.py status`") from exc
+        if state.get("kind") == "mesh":
+            raise LabError(f"lab {prefix} is a multi-site mesh: use netns-lab/mesh.py (MeshLab.attach)")
         lab = cls(
             nat_a=state["profiles"]["a"],
             nat_b=state["profiles"]["b"],
@@ -873,6 +880,24 @@ def _print_lab(state: Mapping[str, Any]) -> None:
         direct = 2 * sum(delays.get(p, 0) for p in PEERS)
         relayed = 2 * sum(relay_delays.get(p, 0) for p in PEERS)
         print(f"  expected RTT host-a <-> host-b: {direct} ms direct, {relayed} ms via the relay (+ processing)")
+
+
+def _mesh_state(prefix: str, state_dir: Path) -> dict[str, Any] | None:
+    """The state file of a multi-site lab (netns-lab/mesh.py) with ``prefix``, or None."""
+    try:
+        state = json.loads((state_dir / f"{prefix}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) and state.get("kind") == "mesh" else None
+
+
+def _print_mesh(state: Mapping[str, Any]) -> None:
+    sites = state["sites"]
+    print(f"lab {state['prefix']}: multi-site mesh (netns-lab/mesh.py), {len(sites)} sites")
+    print(f"  relay/STUN (wan): {', '.join(state['relay'])}")
+    for site in sites:
+        peers = ", ".join(f"{p} {state['addresses'][f'host-{p}'][0]}" for p in site["peers"])
+        print(f"  {site['name']:4} {site['profile']:9} seen as {state['public'][site['peers'][0]]:15} hosts: {peers}")
 
 
 def _known_prefixes(state_dir: Path) -> list[str]:
@@ -959,6 +984,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefixes = [args.prefix] if args.prefix else _known_prefixes(state_dir)
             states = []
             for prefix in prefixes:
+                mesh = _mesh_state(prefix, state_dir)
+                if mesh is not None:
+                    states.append(mesh)
+                    continue
                 try:
                     states.append(Lab.attach(prefix, state_dir=state_dir).status())
                 except LabError:
@@ -973,6 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if "orphaned_namespaces" in state:
                     print(f"lab {state['prefix']}: no state file; namespaces {' '.join(state['orphaned_namespaces'])}")
                     print("  remove with: lab.py down --all")
+                elif state.get("kind") == "mesh":
+                    _print_mesh(state)
                 else:
                     _print_lab(state)
     except LabError as exc:

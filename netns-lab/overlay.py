@@ -159,8 +159,14 @@ class Overlay:
         )
         self._check_alive("relay")
 
-    def start_peer(self, name: str, peer: str, *, extra: list[str] | None = None) -> subprocess.Popen[Any]:
-        """Start node ``name`` in host-``peer`` with the overlay address of that side."""
+    def start_peer(
+        self, name: str, peer: str, *, extra: list[str] | None = None, address: str | None = None
+    ) -> subprocess.Popen[Any]:
+        """Start node ``name`` in host-``peer`` with the overlay address of that side: ``address``
+        (CIDR) if given, else OVERLAY's for peers a and b, else the lab's ``overlay_address(peer)``
+        (a multi-site lab, netns-lab/mesh.py)."""
+        if address is None:
+            address = OVERLAY[peer] if peer in OVERLAY else self.lab.overlay_address(peer)
         argv = [
             *self.command,
             "connect",
@@ -175,7 +181,7 @@ class Overlay:
             "--tap",
             "tap0",
             "--address",
-            OVERLAY[peer],
+            address,
             "--control",
             str(self.control(name)),
             *(extra or []),
@@ -216,6 +222,11 @@ class Overlay:
             proc.kill()
         return proc.wait(timeout)
 
+    def send_signal(self, name: str, sig: signal.Signals = signal.SIGHUP) -> None:
+        """Send ``sig`` to a running process (SIGHUP: the relay and the nodes re-read their members files)."""
+        self._check_alive(name)
+        self.procs[name].send_signal(sig)
+
     def stop_all(self) -> None:
         for name in list(self.procs):
             if name != "relay":
@@ -240,6 +251,17 @@ class Overlay:
         if proc.returncode != 0:
             return None
         return json.loads(proc.stdout)
+
+    def control_status(self, name: str, timeout: float = 5.0) -> dict[str, Any] | None:
+        """What ``traversal status --json`` prints for node ``name`` (the same control-socket query),
+        asked from this process: a Unix socket is reached through the file system whatever the
+        network namespace, so many nodes can be polled often without a process per look."""
+        from traversal.control import ControlError, query
+
+        try:
+            return query(self.control(name), timeout=timeout)
+        except (ControlError, OSError, ValueError):
+            return None
 
     def wait_path(self, name: str, peer: str, path: str = "relay", timeout: float = 30.0) -> dict[str, Any]:
         """Wait until node ``name`` has a peer on ``path``; returns that peer's status."""
@@ -307,10 +329,19 @@ class Overlay:
         so this polls far faster than :meth:`status`, which runs a process per look)."""
         wait_until(lambda: self.log_count(name, needle) >= count, timeout, f"{name} to log {needle!r}", interval)
 
-    def capture(self, role: str = "wan", interface: str = "br0", file: str = "capture.pcap") -> Capture:
+    def capture(
+        self,
+        role: str = "wan",
+        interface: str = "br0",
+        file: str = "capture.pcap",
+        *,
+        direction: str | None = None,
+        snaplen: int = CAPTURE_SNAPLEN,
+    ) -> Capture:
         """Start tcpdump on ``interface`` inside ``role`` (by default the WAN bridge, which sees every
-        packet between the NATs and the relay) and return once it is capturing."""
-        capture = Capture(self.lab, role, interface, self.workdir / file)
+        packet between the NATs and the relay) and return once it is capturing. ``direction="in"``
+        keeps only frames the interface receives: on a TAP, exactly what the node wrote into it."""
+        capture = Capture(self.lab, role, interface, self.workdir / file, direction=direction, snaplen=snaplen)
         capture.start()
         return capture
 
@@ -559,6 +590,29 @@ def _ip_packet(ethertype: int, data: bytes, length: int) -> Packet | None:
     return Packet(source, destination, proto, sport, dport, length, first_byte)
 
 
+@dataclass(frozen=True)
+class CapturedFrame:
+    """One frame of a pcap file as captured: its length on the wire and its first bytes (up to the snaplen)."""
+
+    length: int
+    data: bytes
+
+
+def read_pcap_frames(path: Path) -> list[CapturedFrame]:
+    """Every frame of a pcap file, whatever it carries (ARP, IPv6, unknown EtherTypes, runts)."""
+    data = path.read_bytes()
+    if len(data) < 24 or data[:4] not in _PCAP_MAGIC:
+        raise OverlayError(f"{path} is not a pcap file (tcpdump -w output)")
+    order = _PCAP_MAGIC[data[:4]]
+    captured = []
+    offset = 24
+    while offset + 16 <= len(data):
+        caplen, wirelen = struct.unpack(order + "II", data[offset + 8 : offset + 16])
+        captured.append(CapturedFrame(wirelen, data[offset + 16 : offset + 16 + caplen]))
+        offset += 16 + caplen
+    return captured
+
+
 def read_pcap(path: Path) -> list[Packet]:
     """The IPv4 and IPv6 packets of a pcap file (Ethernet or Linux cooked); ARP and the like are skipped."""
     data = path.read_bytes()
@@ -597,18 +651,33 @@ class Capture:
     frames it forwards between its ports to the capture, not just its own.
     """
 
-    def __init__(self, lab: Any, role: str, interface: str, path: Path) -> None:
+    def __init__(
+        self,
+        lab: Any,
+        role: str,
+        interface: str,
+        path: Path,
+        *,
+        direction: str | None = None,
+        snaplen: int = CAPTURE_SNAPLEN,
+    ) -> None:
+        if direction not in (None, "in", "out"):
+            raise OverlayError(f"capture direction is 'in', 'out' or None (both), not {direction!r}")
         self.lab = lab
         self.role = role
         self.interface = interface
         self.path = path
+        self.direction = direction
+        self.snaplen = snaplen
         self.proc: subprocess.Popen[bytes] | None = None
         #: What tcpdump reported on exit ("N packets dropped by kernel" and the like).
         self.summary = ""
 
     def start(self) -> None:
         self.path.unlink(missing_ok=True)
-        argv = ["tcpdump", "-i", self.interface, "-n", "-U", "--immediate-mode", "-s", str(CAPTURE_SNAPLEN)]
+        argv = ["tcpdump", "-i", self.interface, "-n", "-U", "--immediate-mode", "-s", str(self.snaplen)]
+        if self.direction is not None:
+            argv += ["-Q", self.direction]
         # -Z root: Debian's tcpdump otherwise drops to the tcpdump user before opening the file.
         argv += ["-Z", "root", "-w", str(self.path)]
         self.proc = self.lab.popen(self.role, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

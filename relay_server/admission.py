@@ -14,7 +14,12 @@ costs far more than a refusal), and tells it how each login ended.
 * ``failure_limit`` failed logins (wrong signature, not a member, unknown
   network, garbage) from one IP address within ``failure_window`` seconds: that
   address is refused until the window has passed. Addresses tracked are bounded
-  (the oldest are forgotten first).
+  (the oldest are forgotten first). A login fails only when it ends, so once an
+  address has failed, its logins still in progress count against the limit too:
+  otherwise every wave of concurrent logins would overshoot it by its size
+  (bench/hostile_clients.md measured that). An address with no recent failure is
+  not held to it, so a NAT full of honest clients may log in at once; the price is
+  that an address's first wave can exceed the limit, by the logins it had in flight.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ DEFAULT_MAX_CLIENTS = 20_000
 DEFAULT_MAX_PENDING = 1_000
 DEFAULT_FAILURE_LIMIT = 20
 DEFAULT_FAILURE_WINDOW = 60.0
+#: New WebSocket connections per second per IP address, and the burst allowed (0: no limit).
+#: A node opens one and keeps it; a NAT of many users, or every node coming back after a relay
+#: restart (with jitter), needs the burst.
+DEFAULT_CONNECTION_RATE = 20.0
+DEFAULT_CONNECTION_BURST = 100
 #: IP addresses whose recent failures are remembered at most.
 MAX_TRACKED_ADDRESSES = 65_536
 
@@ -34,7 +44,8 @@ MAX_TRACKED_ADDRESSES = 65_536
 REFUSED_FULL = "full"
 REFUSED_PENDING = "pending"
 REFUSED_FAILURES = "failures"
-REFUSAL_REASONS = (REFUSED_FULL, REFUSED_PENDING, REFUSED_FAILURES)
+REFUSED_RATE = "rate"  # too many new connections from one address (before the WebSocket upgrade)
+REFUSAL_REASONS = (REFUSED_FULL, REFUSED_PENDING, REFUSED_FAILURES, REFUSED_RATE)
 
 
 class AdmissionError(ValueError):
@@ -56,6 +67,8 @@ class Admission:
     pending: int = 0
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
     _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
+    #: Logins in progress per address (at most ``max_pending`` entries).
+    _in_flight: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_clients < 1 or self.max_pending < 1 or self.failure_limit < 1 or self.failure_window <= 0:
@@ -69,6 +82,7 @@ class Admission:
             self.refused[refusal.reason] += 1
             return refusal
         self.pending += 1
+        self._in_flight[ip] = self._in_flight.get(ip, 0) + 1
         return None
 
     def _check(self, ip: str, now: float, clients: int) -> Refusal | None:
@@ -77,11 +91,14 @@ class Admission:
         if self.pending >= self.max_pending:
             return Refusal(REFUSED_PENDING, f"too many logins in progress ({self.max_pending}); try again later")
         recent = self._recent_failures(ip, now)
-        if len(recent) >= self.failure_limit:
+        in_flight = self._in_flight.get(ip, 0)
+        if recent and len(recent) + in_flight >= self.failure_limit:
             retry = recent[0] + self.failure_window - now
+            busy = f" and {in_flight} more logging in" if in_flight else ""
             return Refusal(
                 REFUSED_FAILURES,
-                f"{len(recent)} failed logins from {ip} in {self.failure_window:.0f} s; try again in {retry:.0f} s",
+                f"{len(recent)} failed logins from {ip} in {self.failure_window:.0f} s{busy}; "
+                f"try again in {retry:.0f} s",
             )
         return None
 
@@ -89,6 +106,11 @@ class Admission:
         """The login of a connection :meth:`connect` let in is over; ``failed`` if it failed by the
         client's fault (a refusal, garbage, silence): that counts against its address."""
         self.pending -= 1
+        left = self._in_flight.get(ip, 0) - 1
+        if left > 0:
+            self._in_flight[ip] = left
+        else:
+            self._in_flight.pop(ip, None)
         if failed:
             recent = self._recent_failures(ip, now)
             recent.append(now)

@@ -14,14 +14,27 @@ from dataclasses import dataclass, field
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Reasons an authentication can fail; pre-declared so each series exists
-#: (at 0) before the first failure, which keeps rate() queries honest.
+#: (at 0) before the first failure, which keeps rate() queries honest. "abandoned": the
+#: client closed the connection before its login was over (admission.py counts that against
+#: its address like any failed login, so /metrics shows it too).
 AUTH_FAILURE_REASONS = (
     "unknown_network",
     "bad_signature",
     "not_a_member",
     "duplicate_login",
     "auth_timeout",
+    "abandoned",
 )
+
+
+#: Outcomes of a members reload (SIGHUP), pre-declared for the same reason.
+MEMBER_RELOAD_RESULTS = ("ok", "error")
+
+
+#: How far a TCP connection got: accepted, TLS handshake done, answered as plain HTTP
+#: (/metrics, 404, a bad upgrade request) or opened as a WebSocket. The differences are what
+#: the TLS and HTTP layers dropped before the relay saw a client (silence, garbage, slowness).
+CONNECTION_STAGES = ("accepted", "tls", "http", "websocket")
 
 
 @dataclass
@@ -36,6 +49,10 @@ class RelayCounters:
     sessions_created: int = 0
     sessions_established: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
+    #: How far each TCP connection got (CONNECTION_STAGES); see server.py's _CountingConnection.
+    connections: Counter[str] = field(default_factory=Counter)
+    #: Members reloads (SIGHUP) by result: "ok", or "error" (a file missing or malformed: nothing changed).
+    member_reloads: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +155,20 @@ def render_metrics(
         "Frames forwarded on an active session, both directions.",
         [({"session": s.label}, s.forwarded_frames) for s in session_list],
     )
+    stages = dict.fromkeys(CONNECTION_STAGES, 0) | dict(counters.connections)
+    out.family(
+        "traversal_relay_connections_total",
+        "counter",
+        "TCP connections by how far they got: accepted, tls (handshake done), then http (answered as plain "
+        "HTTP) or websocket (opened). accepted - tls were dropped during TLS (garbage, or silent past the "
+        "handshake timeout); tls - http - websocket before a whole HTTP request.",
+        [({"stage": stage}, count) for stage, count in stages.items()],
+    )
     reasons = dict.fromkeys(AUTH_FAILURE_REASONS, 0) | dict(counters.auth_failures)
     out.family(
         "traversal_relay_auth_failures_total",
         "counter",
-        "Refused logins, by reason.",
+        "Failed logins, by reason (abandoned: the client closed the connection during its login).",
         [({"reason": reason}, count) for reason, count in sorted(reasons.items())],
     )
     out.single(
@@ -175,5 +201,12 @@ def render_metrics(
         "counter",
         "Sessions released by their ends (gone direct).",
         counters.releases,
+    )
+    reloads = dict.fromkeys(MEMBER_RELOAD_RESULTS, 0) | dict(counters.member_reloads)
+    out.family(
+        "traversal_relay_member_reloads_total",
+        "counter",
+        "Members-file reloads (SIGHUP), by result; an error keeps the previous members.",
+        [({"result": result}, count) for result, count in sorted(reloads.items())],
     )
     return out.text()

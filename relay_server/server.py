@@ -22,9 +22,11 @@ import logging
 import secrets
 import signal
 import ssl
-from collections.abc import Callable, Coroutine, Iterable
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -36,14 +38,18 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from relay_server.admission import (
+    DEFAULT_CONNECTION_BURST,
+    DEFAULT_CONNECTION_RATE,
     DEFAULT_FAILURE_LIMIT,
     DEFAULT_FAILURE_WINDOW,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_PENDING,
+    REFUSED_RATE,
     Admission,
     AdmissionError,
 )
 from relay_server.metrics import CONTENT_TYPE, RelayCounters, SessionSample, render_metrics
+from relay_server.ratelimit import RateLimiter
 from relay_server.resources import prepare_process
 from transport.constants import (
     AUTH_TIMEOUT,
@@ -62,6 +68,7 @@ from transport.constants import (
 from transport.frames import (
     FORWARDED_TYPES,
     IDENTITY_SIZE,
+    MAX_MEMBERS_LISTED,
     NONCE_SIZE,
     SESSION_ID_SIZE,
     Auth,
@@ -72,6 +79,7 @@ from transport.frames import (
     Established,
     FrameError,
     Hello,
+    Members,
     MsgType,
     PeerJoined,
     PeerLeft,
@@ -83,8 +91,9 @@ from transport.frames import (
     peek_type,
     relay_auth_message,
 )
-from transport.identity import encode_public, short_id
-from traversal.logfmt import format_event
+from transport.identity import IdentityError, encode_public, short_id
+from traversal.config import diff_networks, load_networks
+from traversal.logfmt import LogLimiter, format_event
 
 log = logging.getLogger("traversal.relay")
 
@@ -99,8 +108,34 @@ LISTEN_BACKLOG = 1024
 
 #: Frame types only the relay may send; a client sending one is confused or hostile.
 _RELAY_ONLY_TYPES = frozenset(
-    {MsgType.CHALLENGE, MsgType.AUTH_OK, MsgType.PEER_JOINED, MsgType.PEER_LEFT, MsgType.ESTABLISHED}
+    {MsgType.CHALLENGE, MsgType.AUTH_OK, MsgType.MEMBERS, MsgType.PEER_JOINED, MsgType.PEER_LEFT, MsgType.ESTABLISHED}
 )
+
+
+class _CountingConnection(ServerConnection):
+    """websockets' server connection, counting how far each TCP connection gets (``connections``
+    on /metrics): websockets makes one per accepted TCP connection, before TLS, and calls
+    ``connection_made`` only once TLS is done. Subclassed per relay with its counter
+    (``create_connection`` takes a class)."""
+
+    stages: Counter[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stages["accepted"] += 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if transport.get_extra_info("ssl_object") is not None:
+            self.stages["tls"] += 1
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            # The WebSocket side is counted by the relay's handler, which only opened ones reach.
+            if self.response is not None and self.response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+                self.stages["http"] += 1
 
 
 class RelayError(Exception):
@@ -171,6 +206,8 @@ class RelayConfig:
     max_pending_logins: int = DEFAULT_MAX_PENDING
     auth_failure_limit: int = DEFAULT_FAILURE_LIMIT
     auth_failure_window: float = DEFAULT_FAILURE_WINDOW
+    connection_rate: float = DEFAULT_CONNECTION_RATE  # per IP address and second; 0: no limit
+    connection_burst: int = DEFAULT_CONNECTION_BURST
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 0xFFFF:
@@ -182,6 +219,8 @@ class RelayConfig:
             raise RelayConfigError(f"heartbeat interval must be 1..65535 s, got {self.heartbeat_interval}")
         if not 1 <= self.key_rotation_interval <= 0xFFFFFFFF:
             raise RelayConfigError(f"key rotation interval must be at least 1 s, got {self.key_rotation_interval}")
+        if self.connection_rate < 0 or self.connection_burst < 1:
+            raise RelayConfigError("connection rate must be 0 (no limit) or more, and its burst at least 1")
         if self.auth_timeout <= 0 or self.duplicate_ping_timeout <= 0:
             raise RelayConfigError("auth timeout and duplicate-login ping timeout must be positive")
         try:
@@ -311,6 +350,12 @@ def _observed_address(ws: ServerConnection) -> tuple[str, int] | None:
     return str(addr), port
 
 
+def _members_frame(members: frozenset[bytes]) -> bytes:
+    """MEMBERS for a network: the whole list while it fits one frame, else the count alone."""
+    listed = tuple(sorted(members)) if len(members) <= MAX_MEMBERS_LISTED else ()
+    return encode(Members(len(members), listed))
+
+
 def _classify(data: str | bytes) -> tuple[MsgType, bytes]:
     """Check what every client message must be (binary, in bounds, a known type); return its type and bytes."""
     if isinstance(data, str):
@@ -352,7 +397,13 @@ class RelayServer:
         #: More /metrics lines from a component sharing the process (the STUN server).
         self._extra_metrics = extra_metrics
         self._networks = _validate_networks(config.networks)
+        self._members_frames = {name: _members_frame(members) for name, members in self._networks.items()}
         self._admission = config.admission()
+        self._connection_limiter = (
+            RateLimiter(config.connection_rate, config.connection_burst) if config.connection_rate > 0 else None
+        )
+        #: A flood of refusals is counted on /metrics; the log gets a few lines per address a minute.
+        self._refusal_log = LogLimiter(log, key_fields=("addr",))
         self._client_count = 0
         self.port: int = config.port
         self._server: Server | None = None
@@ -365,6 +416,7 @@ class RelayServer:
         self._sessions: dict[bytes, _Session] = {}
         self._labels: set[bytes] = set()
         self._counters = RelayCounters()
+        self._connection_class = type("RelayConnection", (_CountingConnection,), {"stages": self._counters.connections})
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -387,6 +439,7 @@ class RelayServer:
                 ping_timeout=RELAY_KEEPALIVE_INTERVAL,
                 # asyncio's default backlog (100) overflows under a few hundred logins a second.
                 backlog=LISTEN_BACKLOG,
+                create_connection=self._connection_class,
             )
         except OSError as exc:
             raise RelayError(
@@ -426,7 +479,9 @@ class RelayServer:
 
     def set_networks(self, networks: dict[str, frozenset[bytes]]) -> None:
         """Replace the served networks and their member sets; disconnect clients no longer allowed in."""
+        previous = self._networks
         self._networks = _validate_networks(networks)
+        self._members_frames = {name: _members_frame(members) for name, members in self._networks.items()}
         log.info(
             _kv(
                 "networks_updated",
@@ -446,6 +501,11 @@ class RelayServer:
                 notes = self._detach(client, "removed from the network")
                 log.info(_kv("evicted", network=network, peer=client.name, addr=client.addr, reason=reason))
                 self._spawn(self._evict(client, notes or [], code, reason))
+        # Who is a member decides when a node may let its relay connection go: tell the ones that stay.
+        for network, clients in self._clients.items():
+            if network in self._networks and self._networks[network] != previous.get(network):
+                for client in list(clients.values()):
+                    self._spawn(self._tell(client, self._members_frames[network]))
 
     def metrics_text(self) -> str:
         """The Prometheus text exposition served at ``/metrics``."""
@@ -491,7 +551,7 @@ class RelayServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         upgrade = request.headers.get("Upgrade", "")
         if upgrade.lower() == "websocket":
-            return None  # a peer: carry on with the WebSocket handshake
+            return self._rate_limit(connection)  # a peer (None): carry on with the WebSocket handshake
         if urlsplit(request.path).path == "/metrics":
             response = connection.respond(HTTPStatus.OK, self.metrics_text())
             del response.headers["Content-Type"]
@@ -499,9 +559,27 @@ class RelayServer:
             return response
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
+    def _rate_limit(self, connection: ServerConnection) -> Response | None:
+        """Too many new connections from one address: 429 before the upgrade, counted, no handler."""
+        if self._connection_limiter is None:
+            return None
+        observed = _observed_address(connection)
+        if observed is None or self._connection_limiter.allow(observed[0], asyncio.get_running_loop().time()):
+            return None
+        self._admission.refused[REFUSED_RATE] += 1
+        self._refusal_log.event(
+            asyncio.get_running_loop().time(),
+            "refused",
+            logging.INFO,
+            addr=observed[0],
+            reason=f"more than {self._config.connection_rate:g} new connections a second from this address",
+        )
+        return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from your address: retry later\n")
+
     # --- one connection ---------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        self._counters.connections["websocket"] += 1
         self._connections.add(ws)
         addr = "-"
         client: _Client | None = None
@@ -535,6 +613,20 @@ class RelayServer:
                         addr=addr,
                         peer=client.name if client else "-",
                         reason=f"message over {WEBSOCKET_MAX_SIZE} bytes, closed with 1009",
+                    )
+                )
+            elif client is None and not self._closing and addr != "-":
+                # Gone in the middle of its login. The admission policy counts that against the
+                # address like a failed login (a flood of connect-and-hang-up is one), so count it here too.
+                self._counters.auth_failures["abandoned"] += 1
+                log.info(
+                    _kv(
+                        "auth_failed",
+                        reason="abandoned",
+                        network="-",
+                        peer="-",
+                        addr=addr,
+                        detail="the connection closed before the login was over",
                     )
                 )
         except Exception:
@@ -646,6 +738,7 @@ class RelayServer:
         # The first write happens before any await, so AUTH_OK always precedes
         # any PEER_JOINED another newcomer could send this client.
         await self._send(client, encode(AuthOk(*client.observed)))
+        await self._send(client, self._members_frames[client.network])
         log.info(
             _kv(
                 "auth_ok",
@@ -930,16 +1023,52 @@ class RelayServer:
             return False
         return True
 
+    async def _tell(self, client: _Client, data: bytes) -> None:
+        await self._send(client, data)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
-async def run_relay(config: RelayConfig, *, extra_metrics: Callable[[], Iterable[str]] | None = None) -> None:
+def reload_members(relay: RelayServer, files: Mapping[str, Path]) -> bool:
+    """SIGHUP: re-read every network's members file and apply them all, or none.
+
+    Members who stay keep their sessions; removed ones are told NOT_A_MEMBER and
+    disconnected, and their peers get PEER_LEFT (:meth:`RelayServer.set_networks`). A file
+    that is missing or malformed changes nothing: the relay keeps serving the lists it
+    has (never an empty one in their place) and says which file is wrong and why.
+    """
+    try:
+        networks = load_networks(files)
+        changes = diff_networks(relay._networks, networks)
+        relay.set_networks(networks)
+    except (IdentityError, RelayConfigError) as exc:
+        relay._counters.member_reloads["error"] += 1
+        log.error(_kv("members_reload_failed", error=str(exc), action="kept the previous members of every network"))
+        return False
+    relay._counters.member_reloads["ok"] += 1
+    log.info(
+        _kv(
+            "members_reloaded",
+            changes="; ".join(f"{name} {change.summary()}" for name, change in changes.items()),
+            changed=sum(change.changed for change in changes.values()),
+        )
+    )
+    return True
+
+
+async def run_relay(
+    config: RelayConfig,
+    *,
+    extra_metrics: Callable[[], Iterable[str]] | None = None,
+    members_files: Mapping[str, Path] | None = None,
+) -> None:
     """Serve until cancelled, SIGINT or SIGTERM, then shut down gracefully.
 
     ``extra_metrics`` adds lines to /metrics (the STUN server's, when `traversal relay --stun` runs one).
+    With ``members_files`` (network -> file), SIGHUP re-reads them (:func:`reload_members`).
     """
     open_files = prepare_process()
     relay = RelayServer(config, extra_metrics=extra_metrics)
@@ -953,9 +1082,13 @@ async def run_relay(config: RelayConfig, *, extra_metrics: Callable[[], Iterable
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    handlers: dict[signal.Signals, Callable[[], object]] = {signal.SIGINT: stop.set, signal.SIGTERM: stop.set}
+    if members_files is not None:
+        files = dict(members_files)
+        handlers[signal.SIGHUP] = lambda: reload_members(relay, files)
+    for sig, handler in handlers.items():
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, handler)
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (e.g. tests): cancellation still stops us

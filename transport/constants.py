@@ -83,6 +83,10 @@ RECONNECT_MAX_DELAY = 30.0
 #: relay process admits a few hundred logins a second; a storm beyond what it can admit
 #: within the login timeout times out and retries, later and more spread each time).
 RECONNECT_JITTER = 0.5
+#: A node that let the relay go (every member it knows of is direct) logs in again this often
+#: (jittered) to hear of members added since: the relay's MEMBERS and PEER_JOINED come only
+#: over a connection (issue 8). Five minutes: a login every five minutes per node is cheap.
+RELAY_CHECKIN_INTERVAL = 300.0
 
 #: Relay-side: time an unauthenticated connection has to complete HELLO/AUTH.
 AUTH_TIMEOUT = 10.0

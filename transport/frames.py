@@ -8,7 +8,7 @@ bytes, and raises nothing but :class:`FrameError`.
 Two families of frames exist:
 
 * relay control (client <-> relay): HELLO, CHALLENGE, AUTH, AUTH_OK,
-  PEER_JOINED, PEER_LEFT, READY, ESTABLISHED, RELEASE, ERROR;
+  MEMBERS, PEER_JOINED, PEER_LEFT, READY, ESTABLISHED, RELEASE, ERROR;
 * session frames (peer <-> peer, the relay only forwards them by their
   16-byte relay session id): HANDSHAKE (end-to-end handshake messages) and the
   sealed kinds CANDIDATES, DATA, HEARTBEAT, REKEY, BYE, PATH whose payload the
@@ -52,6 +52,7 @@ class MsgType(IntEnum):
     READY = 0x07
     ESTABLISHED = 0x08
     RELEASE = 0x09
+    MEMBERS = 0x0A  # relay -> client: who the network's members are (after AUTH_OK, and on a reload)
     ERROR = 0x0F
     # session frames, forwarded by the relay
     HANDSHAKE = 0x10
@@ -130,6 +131,26 @@ class AuthOk:
     observed_port: int
 
 
+#: Identities a MEMBERS frame lists at most (32 bytes each: the list fits one 16 KiB frame).
+MAX_MEMBERS_LISTED = 480
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    """Relay -> client: the network has ``total`` members; ``identities`` lists them all when
+    ``total`` is at most :data:`MAX_MEMBERS_LISTED`, else it is empty (the list is too long to send).
+
+    A node keeps its relay connection while a member it knows of is not reached directly.
+    """
+
+    total: int
+    identities: tuple[bytes, ...]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.identities) == self.total
+
+
 @dataclass(frozen=True, slots=True)
 class PeerJoined:
     """Relay -> client: ``peer`` is online; ``session_id`` routes to it."""
@@ -196,7 +217,20 @@ class SessionFrame:
     payload: bytes
 
 
-Frame = Hello | Challenge | Auth | AuthOk | PeerJoined | PeerLeft | Ready | Established | Release | Error | SessionFrame
+Frame = (
+    Hello
+    | Challenge
+    | Auth
+    | AuthOk
+    | Members
+    | PeerJoined
+    | PeerLeft
+    | Ready
+    | Established
+    | Release
+    | Error
+    | SessionFrame
+)
 
 
 # --- primitives ----------------------------------------------------------------
@@ -348,6 +382,9 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, AuthOk):
         body = _ip(frame.observed_ip, "observed ip") + _u16(frame.observed_port, "observed port")
         kind = MsgType.AUTH_OK
+    elif isinstance(frame, Members):
+        body = _members(frame)
+        kind = MsgType.MEMBERS
     elif isinstance(frame, PeerJoined):
         body = _fixed(frame.session_id, SESSION_ID_SIZE, "session id") + _fixed(
             frame.peer, IDENTITY_SIZE, "peer identity"
@@ -541,6 +578,14 @@ def decode(data: bytes) -> Frame:
         frame = Auth(r.take(SIGNATURE_SIZE, "signature"))
     elif kind == MsgType.AUTH_OK:
         frame = AuthOk(r.ip("observed ip"), r.u16("observed port"))
+    elif kind == MsgType.MEMBERS:
+        total = r.u32("member count")
+        listed = r.u16("listed members")
+        if listed not in (0, total) or listed > MAX_MEMBERS_LISTED:
+            raise FrameError(
+                f"MEMBERS lists {listed} of {total} members: all of them (at most {MAX_MEMBERS_LISTED}) or none"
+            )
+        frame = Members(total, tuple(r.take(IDENTITY_SIZE, "member identity") for _ in range(listed)))
     elif kind == MsgType.PEER_JOINED:
         frame = PeerJoined(r.take(SESSION_ID_SIZE, "session id"), r.take(IDENTITY_SIZE, "peer identity"))
     elif kind == MsgType.PEER_LEFT:
@@ -565,6 +610,17 @@ def decode(data: bytes) -> Frame:
         frame = Error(r.u16("error code"), r.text("reason", MAX_REASON))
     r.end()
     return frame
+
+
+def _members(frame: Members) -> bytes:
+    listed = len(frame.identities)
+    if listed not in (0, frame.total) or listed > MAX_MEMBERS_LISTED:
+        raise FrameError(f"MEMBERS lists {listed} of {frame.total} members: all (at most {MAX_MEMBERS_LISTED}) or none")
+    return (
+        _u32(frame.total, "member count")
+        + _u16(listed, "listed members")
+        + b"".join(_fixed(i, IDENTITY_SIZE, "member identity") for i in frame.identities)
+    )
 
 
 def relay_auth_message(network: str, identity: bytes, nonce: bytes) -> bytes:

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from transport.constants import RELAY_CHECKIN_INTERVAL
 from transport.identity import (
     IdentityError,
     encode_public,
@@ -31,7 +32,7 @@ from transport.identity import (
     save_identity,
     save_psk,
 )
-from traversal.config import ConfigError, load_section
+from traversal.config import ConfigError, load_networks, load_section, parse_members_spec
 from traversal.control import ControlError, default_control_path, find_control_socket, query
 from traversal.logfmt import setup_logging
 
@@ -159,7 +160,8 @@ def genpsk(out: str, force: bool) -> None:
     "members",
     multiple=True,
     metavar="NETWORK:FILE",
-    help="A network and its members file (one public key per line). Repeat for more networks.",
+    help="A network and its members file (one public key per line). Repeat for more networks. "
+    "SIGHUP re-reads the files: sessions of members who stay are kept, removed members are disconnected.",
 )
 @click.option("--cert", type=click.Path(dir_okay=False), help="TLS certificate (PEM).")
 @click.option("--key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
@@ -225,6 +227,22 @@ def genpsk(out: str, force: bool) -> None:
     show_default=True,
     help="Seconds over which failed logins per IP address are counted.",
 )
+@click.option(
+    "--conn-rate",
+    "conn_rate",
+    type=click.FloatRange(0),
+    default=20.0,
+    show_default=True,
+    help="New connections a second per IP address (bursts of --conn-burst); more get HTTP 429. 0: no limit.",
+)
+@click.option(
+    "--conn-burst",
+    "conn_burst",
+    type=click.IntRange(1),
+    default=100,
+    show_default=True,
+    help="New connections one IP address may open at once before --conn-rate applies.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def relay(
     listen: str,
@@ -243,6 +261,8 @@ def relay(
     auth_timeout: float,
     auth_failures: int,
     auth_failure_window: float,
+    conn_rate: float,
+    conn_burst: int,
     verbose: bool,
 ) -> None:
     """Run the relay: login, pairing, end-to-end message forwarding, /metrics; optionally STUN."""
@@ -255,15 +275,12 @@ def relay(
     host, port = _split_hostport(listen, "--listen")
     if not members:
         raise UserError("no --members NETWORK:FILE given: the relay would admit nobody")
-    networks: dict[str, frozenset[bytes]] = {}
-    for item in members:
-        name, sep, file = item.partition(":")
-        if not sep or not name or not file:
-            raise UserError(f"--members must be NETWORK:FILE, got {item!r}")
-        try:
-            networks[name] = load_members(Path(file))
-        except IdentityError as exc:
-            raise UserError(str(exc)) from None
+    try:
+        # The same files, parser and errors serve SIGHUP's reload (relay_server.server.reload_members).
+        members_files = dict(parse_members_spec(item) for item in members)
+        networks = load_networks(members_files)
+    except (ConfigError, IdentityError) as exc:
+        raise UserError(str(exc)) from None
     modes = sum(bool(x) for x in (cert or key, self_signed, insecure))
     if modes != 1:
         raise UserError("choose exactly one of --cert/--key, --self-signed DIR or --insecure")
@@ -289,6 +306,8 @@ def relay(
         "auth_timeout": auth_timeout,
         "auth_failure_limit": auth_failures,
         "auth_failure_window": auth_failure_window,
+        "connection_rate": conn_rate,
+        "connection_burst": conn_burst,
     }
     if mtu is not None:
         overrides["mtu"] = mtu
@@ -317,11 +336,11 @@ def relay(
         # The STUN server shares the relay's event loop; it binds first so a taken UDP port
         # fails before any peer could connect.
         if stun_server is None:
-            await run_relay(config)
+            await run_relay(config, members_files=members_files)
             return
         await stun_server.start()
         try:
-            await run_relay(config, extra_metrics=stun_server.metrics_lines)
+            await run_relay(config, extra_metrics=stun_server.metrics_lines, members_files=members_files)
         finally:
             await stun_server.close()
 
@@ -343,7 +362,12 @@ def relay(
 @click.option("--identity", type=click.Path(dir_okay=False), help="This node's identity file (traversal keygen).")
 @click.option("--tap", default="tap0", show_default=True, help="Name of the TAP device to create.")
 @click.option("--address", metavar="CIDR", help="Overlay address of this node, e.g. 10.10.10.3/24.")
-@click.option("--members", type=click.Path(dir_okay=False), help="Allow-list of peer public keys (pins membership).")
+@click.option(
+    "--members",
+    type=click.Path(dir_okay=False),
+    help="Allow-list of peer public keys (pins membership). SIGHUP re-reads it: "
+    "peers no longer listed are closed (BYE) and refused, newly listed ones accepted.",
+)
 @click.option("--psk", type=click.Path(dir_okay=False), help="Network pre-shared key file (traversal genpsk).")
 @click.option("--control", type=click.Path(), help="Control socket path [default: /run/traversal/TAP.sock].")
 @click.option("--insecure", is_flag=True, help="Allow a plain ws:// relay URL (testing only).")
@@ -373,6 +397,14 @@ def relay(
     show_default=True,
     help="Once every peer is direct: close the relay connection, or keep it idle.",
 )
+@click.option(
+    "--relay-checkin",
+    "relay_checkin",
+    type=float,
+    default=RELAY_CHECKIN_INTERVAL,
+    show_default=True,
+    help="Once the relay connection is closed, log in again this often (seconds; 0: never) to hear of new members.",
+)
 @click.option("--udp-ports", "udp_ports", metavar="LOW-HIGH", help="Local UDP port range for direct paths.")
 @click.option(
     "--carriage",
@@ -398,6 +430,7 @@ def connect(
     direct_timeout: float,
     direct_retry: float,
     relay_standby: str,
+    relay_checkin: float,
     udp_ports: str | None,
     carriage: str,
     verbose: bool,
@@ -438,6 +471,9 @@ def connect(
         raise UserError(f"--address needs a prefix length, e.g. {address}/24")
     direct = _direct_settings(relay_url, stun, no_direct, direct_timeout, direct_retry, relay_standby, udp_ports)
     direct.carriage = carriage
+    if not (relay_checkin == 0 or 10 <= relay_checkin <= 86400):
+        raise UserError("--relay-checkin must be 0 (never) or between 10 and 86400 seconds")
+    direct.checkin = relay_checkin
     try:
         config = NodeConfig(
             relay_url=relay_url,
@@ -448,6 +484,7 @@ def connect(
             address=address,
             control_path=Path(control) if control else default_control_path(tap),
             members=load_members(Path(members)) if members else None,
+            members_file=Path(members) if members else None,
             psk=load_psk(Path(psk)) if psk else None,
             insecure=insecure,
             direct=direct,
@@ -460,6 +497,7 @@ def connect(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.stop)
+        loop.add_signal_handler(signal.SIGHUP, node.reload_members)
         await node.run()
 
     try:
@@ -566,6 +604,7 @@ def status(control: str | None, as_json: bool) -> None:
         + (f"   seen as {relay_info['observed']}" if relay_info.get("observed") else "")
         + (f"   last error: {relay_info['last_error']}" if relay_info.get("last_error") else "")
     )
+    click.echo(f"members   {_members_summary(relay_info)}")
     tap_info = reply.get("tap", {})
     click.echo(f"tap       {tap_info.get('name')} {tap_info.get('address')} mtu {tap_info.get('mtu')}")
     peers = reply.get("peers", [])
@@ -600,6 +639,16 @@ def status(control: str | None, as_json: bool) -> None:
                 f"    {switch.get('at')}  -> {switch.get('path'):<6}  {switch.get('reason')}"
                 f" ({switch.get('took_ms', 0):.0f} ms)"
             )
+
+
+def _members_summary(relay_info: dict[str, Any]) -> str:
+    """Who else is in the network, and whether the relay connection is still needed to hear of them."""
+    known, missing = relay_info.get("members_known"), relay_info.get("members_missing")
+    if known is None:
+        return "not known (the relay's list has not come, or is too long): the relay connection stays"
+    if not missing:
+        return f"{known} other(s), all reached directly"
+    return f"{known} other(s); not reached directly: {', '.join(missing)} (the relay connection stays for them)"
 
 
 def _direct_summary(direct: dict[str, Any] | None) -> str:

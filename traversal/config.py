@@ -1,16 +1,24 @@
-"""TOML configuration files for `traversal connect` and `traversal relay`.
+"""TOML configuration files for `traversal connect` and `traversal relay`, and their members files.
 
 One file may hold a ``[connect]`` and a ``[relay]`` table; their keys are the
 command-line flag names with ``-`` written as ``_`` (``self_signed``,
 ``direct_timeout``...). Command-line flags win over the file. Unknown keys
 and wrong types are errors that name the key, so typos never pass silently.
+
+Members files (``relay --members NETWORK:FILE``, ``connect --members FILE``)
+are read at start-up and again on SIGHUP; :func:`diff_members` says what a
+re-read changed, so the relay and the node log and act on exactly that.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from transport.identity import load_members
 
 #: Config files are small; refuse anything absurd before parsing it.
 MAX_CONFIG_SIZE = 1024 * 1024
@@ -58,3 +66,46 @@ def load_section(path: Path, section: str, allowed: dict[str, type | tuple[type,
             raise ConfigError(f"{path}: [{section}] {key} must be a list of strings")
         values[key] = value
     return values
+
+
+# --- members files ---------------------------------------------------------------
+
+
+def parse_members_spec(item: str) -> tuple[str, Path]:
+    """One ``relay --members NETWORK:FILE`` value as (network, file)."""
+    name, sep, file = item.partition(":")
+    if not sep or not name or not file:
+        raise ConfigError(f"--members must be NETWORK:FILE, got {item!r}")
+    return name, Path(file)
+
+
+def load_networks(files: Mapping[str, Path]) -> dict[str, frozenset[bytes]]:
+    """Read every network's members file; raises :class:`~transport.identity.IdentityError`
+    naming the file (and line) that is missing or malformed, so one bad file changes nothing."""
+    return {name: load_members(path) for name, path in files.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class MembersChange:
+    """What re-reading one members file changed."""
+
+    added: frozenset[bytes]
+    removed: frozenset[bytes]
+    total: int
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed)
+
+    def summary(self) -> str:
+        """``+1 -0 (3 members)``: the counts an operator checks after a reload."""
+        return f"+{len(self.added)} -{len(self.removed)} ({self.total} members)"
+
+
+def diff_members(old: frozenset[bytes], new: frozenset[bytes]) -> MembersChange:
+    return MembersChange(added=new - old, removed=old - new, total=len(new))
+
+
+def diff_networks(old: Mapping[str, frozenset[bytes]], new: Mapping[str, frozenset[bytes]]) -> dict[str, MembersChange]:
+    """Per network of ``new``, what changed since ``old`` (a network new to ``old`` is all added)."""
+    return {name: diff_members(old.get(name, frozenset()), members) for name, members in sorted(new.items())}

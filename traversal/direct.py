@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from transport.constants import (
     DIRECT_KEEPALIVE_INTERVAL,
     DIRECT_RELEASE_LINGER,
     ICE_GATHER_TIMEOUT,
+    RELAY_CHECKIN_INTERVAL,
     WIRE_VERSION,
 )
 from transport.frames import MsgType
@@ -75,6 +77,7 @@ class DirectSettings:
     port_range: tuple[int, int] | None = None
     exclude_addresses: frozenset[str] = field(default_factory=frozenset)
     standby: str = "close"  # what to do with the relay connection once every peer is direct
+    checkin: float = RELAY_CHECKIN_INTERVAL  # once it is closed, log in again this often (0: never)
     carriage: str = "lean"  # how DATA travels on a direct path: "lean" (sealed UDP) or "quic" (QUIC datagrams)
 
 
@@ -187,6 +190,40 @@ class DirectCarriage:
         await self._agent.close()
 
 
+#: How long an attempt behind a sequentially allocating NAT keeps the node's gathering turn at
+#: most: long enough for the peer's offer and our first checks, short enough that a silent peer
+#: delays the node's other attempts by little.
+SEQUENTIAL_TURN_S = 1.0
+#: Retries come up to this fraction of the retry interval early, at random.
+RETRY_JITTER = 0.2
+
+
+class _Turn:
+    """One hold of a node's gathering lock, given back exactly once: at once, or after a delay."""
+
+    def __init__(self, lock: asyncio.Lock, loop: asyncio.AbstractEventLoop) -> None:
+        self._lock = lock
+        self._loop = loop
+        self._held = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def take(self) -> None:
+        await self._lock.acquire()
+        self._held = True
+
+    def give_back(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def give_back_after(self, delay: float) -> None:
+        if self._held and self._timer is None:
+            self._timer = self._loop.call_later(delay, self.give_back)
+
+
 class DirectPathManager:
     """Gets and keeps a direct path for one PeerLink; the node owns the I/O it asks for."""
 
@@ -199,8 +236,16 @@ class DirectPathManager:
         deliver: Callable[[PeerLink, bytes], None],
         on_change: Callable[[PeerLink], None],
         observed_peer_ip: str | None,
+        log_drop: Callable[..., None] | None = None,
+        gathering: asyncio.Lock | None = None,
     ) -> None:
         self.link = link
+        #: Shared by a node's managers: one attempt at a time gathers and opens its first mappings
+        #: (see :meth:`_run_attempt`).
+        self._gathering = gathering or asyncio.Lock()
+        #: How a rejected record from the peer is logged: the node passes its rate-limited logger
+        #: (a member sending bad candidates or path messages by the thousand must not flood the log).
+        self._log_drop = log_drop or (lambda name, **fields: log_event(log, name, logging.WARNING, **fields))
         self.settings = settings
         self._send_relay = send_relay
         self._deliver = deliver
@@ -243,7 +288,8 @@ class DirectPathManager:
         try:
             offer = decode_offer(plaintext)
         except CandidateError as exc:
-            log_event(log, "candidates_rejected", logging.WARNING, peer=self.link.peer_name, reason=str(exc))
+            self.link.count_drop("bad-candidates")
+            self._log_drop("candidates_rejected", peer=self.link.peer_name, reason=str(exc))
             return
         if not self.controlling and offer.attempt > self.attempt:
             self.pinned_relay = False  # a new attempt means the pin was lifted on the other side
@@ -257,7 +303,8 @@ class DirectPathManager:
         try:
             replies, events = self.link.paths.on_message(plaintext, now)
         except PathError as exc:
-            log_event(log, "path_message_dropped", logging.WARNING, peer=self.link.peer_name, reason=str(exc))
+            self.link.count_drop("bad-path-message")
+            self._log_drop("path_message_dropped", peer=self.link.peer_name, reason=str(exc))
             return
         if replies:
             self._send_direct_path(replies, now)
@@ -319,6 +366,7 @@ class DirectPathManager:
         started = self._loop.time()
         deadline = started + self.settings.timeout
         agent: IceAgent | None = None
+        turn = _Turn(self._gathering, self._loop)
         log_event(log, "direct_attempt", peer=link.peer_name, session=link.sid, attempt=attempt)
         try:
             self.state = "gathering"
@@ -329,7 +377,18 @@ class DirectPathManager:
                 exclude_addresses=self.settings.exclude_addresses,
             )
             # Gathering counts against the attempt's deadline too (STUN may get no answer).
+            # Behind a NAT that allocates ports in sequence, the ports we predict are the next ones
+            # it hands out, so another attempt of this node must not take them (by gathering, or by
+            # opening its own mappings) before ours are used: attempts gather one at a time, and a
+            # sequential one holds the turn until its first checks are out, for a bounded time
+            # (a peer slow to answer must not stall every other attempt of the node).
+            await turn.take()
             local = await agent.gather(timeout=min(ICE_GATHER_TIMEOUT, self._left(deadline, "STUN answers")))
+            nat = agent.nat
+            if nat is None or not nat.predicted_ports:
+                turn.give_back()
+            else:
+                turn.give_back_after(SEQUENTIAL_TURN_S)
             certificate = None if self.controlling else make_session_certificate()
             offer = CandidateOffer(
                 attempt=attempt,
@@ -383,6 +442,8 @@ class DirectPathManager:
             if agent is not None:
                 await agent.close()
             raise
+        finally:
+            turn.give_back()  # checks are out (or the attempt is over): the next attempt may gather
         self.state = "direct"
         self.last_error = None
         self.time_to_direct = self._loop.time() - self._established_at
@@ -529,7 +590,9 @@ class DirectPathManager:
         self._loop.create_task(carriage.close(reason))
 
     def _schedule_retry(self, attempt: int) -> None:
-        retry_in = self.settings.retry
+        # Up to a fifth earlier, at random: the attempts that failed together (a node's peers all
+        # met at once) do not all come back together.
+        retry_in = round(self.settings.retry * random.uniform(1 - RETRY_JITTER, 1.0), 3)
         self.next_retry_at = self._loop.time() + retry_in
         if self._retry is not None:
             self._retry.cancel()

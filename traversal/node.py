@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +45,15 @@ from transport.constants import (
     RECONNECT_MAX_DELAY,
 )
 from transport.frames import MsgType
-from transport.identity import encode_public, public_bytes, short_id
+from transport.identity import IdentityError, encode_public, load_members, public_bytes, short_id
 from transport.paths import PathSwitch, Route
+from traversal.config import diff_members
 from traversal.control import ControlServer
 from traversal.direct import DirectPathManager, DirectSettings
-from traversal.logfmt import log_event
+from traversal.logfmt import LogLimiter, log_event
 from traversal.peer import LinkState, PeerLink
 from traversal.relay_client import RelayLink, RelayRefused, RelayUnavailable, client_ssl_context, connect_relay
+from traversal.switch import LearningSwitch
 
 log = logging.getLogger("traversal.node")
 
@@ -68,6 +72,19 @@ def stable_mac(identity: bytes) -> bytes:
     """
     digest = hashlib.sha256(b"traversal tap mac\x00" + identity).digest()
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
+
+
+def members_to_reach(
+    allowed: Iterable[bytes] | None, listed: frozenset[bytes] | None, me: bytes
+) -> frozenset[bytes] | None:
+    """The other members a node should reach: the relay's list (``listed``), narrowed by the node's
+    allow-list if it has one (a listed identity the relay does not admit can never join). None: not
+    known, because the node has no allow-list and the relay's list is too long to be sent (or has not
+    come yet)."""
+    if allowed is None:
+        return None if listed is None else listed - {me}
+    mine = frozenset(allowed) - {me}
+    return mine if listed is None else mine & listed
 
 
 def _jittered(delay: float) -> float:
@@ -89,6 +106,7 @@ class NodeConfig:
     address: str
     control_path: Path
     members: frozenset[bytes] | None = None
+    members_file: Path | None = None  # where ``members`` came from: re-read on SIGHUP
     psk: bytes | None = None
     insecure: bool = False
     direct: DirectSettings = field(default_factory=DirectSettings)
@@ -119,12 +137,25 @@ class Node:
         self.started_wall = time.time()
         self.tap_dropped = 0
         self.direct_dropped = 0
+        #: Which peer owns which MAC address: TAP frames go to that peer alone (issue 8).
+        self.switch: LearningSwitch[bytes] = LearningSwitch()
+        self.relay_frames_dropped = 0  # frames from the relay that did not decode
+        # Per-frame drop warnings, a few per peer a minute: a flood of garbage must not flood the log.
+        self._drop_log = LogLimiter(log)
+        self._drop_log_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._send_queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE_FRAMES)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._unpark = asyncio.Event()  # set when the relay is needed again after we let it go
         self._parked = False
+        #: Peers we refused (not on --members), by identity: the relay connection and PEER_JOINED.
+        self._refused: dict[bytes, tuple[RelayLink | None, frames.PeerJoined]] = {}
+        #: The network's other members as the relay last listed them (None: not known).
+        self.relay_members: frozenset[bytes] | None = None
+        self._relay_hold: str | None = None  # why the relay connection is kept, as last logged
+        #: One direct attempt at a time gathers candidates (see DirectPathManager._run_attempt).
+        self._gathering = asyncio.Lock()
         self._control = ControlServer(
             config.control_path,
             self.status,
@@ -174,6 +205,7 @@ class Node:
                 await self._say_bye()  # while the relay connection is still served
             else:
                 stop_wait.cancel()
+                await self._say_bye()  # a fatal refusal (removed from the members...): tell the direct peers now
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -204,6 +236,7 @@ class Node:
         self.links.clear()
 
     async def _shutdown(self) -> None:
+        self._drop_log.flush(float("inf"))  # say what was suppressed before we go
         # The relay task closed its connection when it was cancelled.
         for manager in list(self.direct.values()):
             with contextlib.suppress(Exception):
@@ -224,10 +257,10 @@ class Node:
         while True:
             if self._parked:
                 self.relay_state = "released"
-                await self._unpark.wait()
+                reason = await self._wait_unparked()
                 self._unpark.clear()
                 self._parked = False
-                log_event(log, "relay_reconnect", reason=self.relay_error or "a peer needs the relay again")
+                log_event(log, "relay_reconnect", reason=reason)
             self.relay_state = "connecting"
             try:
                 relay = await connect_relay(
@@ -279,6 +312,16 @@ class Node:
             log_event(log, "relay_lost", logging.WARNING, reason=self.relay_error, retry_in=round(wait, 2))
             await asyncio.sleep(wait)
 
+    async def _wait_unparked(self) -> str:
+        """While the relay is let go: wait until a peer needs it, or until it is time to check in."""
+        checkin = self.config.direct.checkin
+        try:
+            async with asyncio.timeout(_jittered(checkin) if checkin > 0 else None):
+                await self._unpark.wait()
+        except TimeoutError:
+            return "check-in: hear of members added since"
+        return self.relay_error or "a peer needs the relay again"
+
     def _drop_relayed_links(self) -> None:
         """The relay connection ended. Direct links carry on; links with keys wait to be resumed
         on the next relay connection (same keys, new relay session); the rest are dropped."""
@@ -296,7 +339,10 @@ class Node:
             self._send_queue.get_nowait()
 
     def _forget_link(self, session_id: bytes) -> None:
-        self.links.pop(session_id, None)
+        link = self.links.pop(session_id, None)
+        if link is not None and not any(other.peer == link.peer for other in self.links.values()):
+            self.switch.forget(link.peer)
+            self._member_lost(link.peer)
         self.released.discard(session_id)
         manager = self.direct.pop(session_id, None)
         if manager is not None:
@@ -357,7 +403,8 @@ class Node:
             frame = frames.decode(message)
         except frames.FrameError as exc:
             # A broken frame from the relay costs that frame, never the node.
-            log_event(log, "relay_frame_dropped", logging.WARNING, reason=str(exc))
+            self.relay_frames_dropped += 1
+            self._log_drop("relay_frame_dropped", reason=str(exc))
             return None
         if isinstance(frame, frames.SessionFrame):
             link = self.links.get(frame.session_id)
@@ -365,9 +412,12 @@ class Node:
                 self._on_session_frame(link, frame, now)
         elif isinstance(frame, frames.PeerJoined):
             self._on_peer_joined(frame, now)
+        elif isinstance(frame, frames.Members):
+            self._on_members(frame)
         elif isinstance(frame, frames.Established):
             self._on_established(frame, now)
         elif isinstance(frame, frames.PeerLeft):
+            self._forget_refused(frame)
             link = self.links.get(frame.session_id)
             if link is not None and link.paths.route is Route.DIRECT:
                 log_event(log, "relay_session_ended", peer=link.peer_name, session=link.sid, path="direct")
@@ -380,15 +430,19 @@ class Node:
                 return f"the relay refused this node: {frame.reason}"
             self.relay_error = f"relay error {frame.code}: {frame.reason}"
         else:
-            log_event(log, "relay_frame_unexpected", logging.WARNING, type=type(frame).__name__)
+            self._log_drop("relay_frame_unexpected", type=type(frame).__name__)
         return None
 
-    def _on_session_frame(self, link: PeerLink, frame: frames.SessionFrame, now: float) -> None:
+    def _on_session_frame(
+        self, link: PeerLink, frame: frames.SessionFrame, now: float, *, hot_path_tried: bool = False
+    ) -> None:
         """A session frame from either path: the session's replay window makes the path irrelevant."""
-        if frame.type == MsgType.DATA and self.tap is not None:
+        if frame.type == MsgType.DATA and self.tap is not None and not hot_path_tried:
             eth = link.receive_data(frame.payload, now)
             if eth is not None:
-                self.tap.write(eth)
+                if eth:  # empty: opened but out of bounds, dropped and counted
+                    self.switch.learn(eth, link.peer, now)
+                    self.tap.write(eth)
                 return
         try:
             out, delivered = link.on_frame(frame, now)
@@ -401,6 +455,7 @@ class Node:
         self._send_link(link, out)
         if delivered and self.tap is not None:
             for eth in delivered:
+                self.switch.learn(eth, link.peer, now)
                 self.tap.write(eth)
         if link.state is LinkState.CLOSED:
             self._forget_link(link.session_id)
@@ -423,24 +478,46 @@ class Node:
     def _on_direct_frame(self, link: PeerLink, wire: bytes) -> None:
         """A frame that arrived on the link's direct carriage."""
         record = frames.data_record(wire)
-        if record is not None and self.tap is not None and self.links.get(link.session_id) is link:
-            eth = link.receive_data(record, self._loop.time())  # the hot path; None: the general one below
+        tried = record is not None and self.tap is not None and self.links.get(link.session_id) is link
+        if tried:
+            now = self._loop.time()
+            eth = link.receive_data(record, now)  # the hot path; None: the general one below
             if eth is not None:
-                self.tap.write(eth)
+                if eth:  # empty: opened but out of bounds, dropped and counted
+                    self.switch.learn(eth, link.peer, now)
+                    self.tap.write(eth)
                 return
         try:
             frame = frames.decode(wire)
         except frames.FrameError as exc:
-            log_event(log, "direct_frame_dropped", logging.WARNING, peer=link.peer_name, reason=str(exc))
+            link.count_drop("malformed-frame")
+            self._log_drop("direct_frame_dropped", peer=link.peer_name, reason=str(exc))
             return
         if not isinstance(frame, frames.SessionFrame):
-            log_event(log, "direct_frame_dropped", logging.WARNING, peer=link.peer_name, reason="not a session frame")
+            link.count_drop("unexpected-frame")
+            self._log_drop("direct_frame_dropped", peer=link.peer_name, reason="not a session frame")
             return
         # The carriage belongs to this link alone, so the relay session id in the frame's
         # header does not matter here (it changes when the relay session is rebound, and
         # the two ends rebind at slightly different times); the session authenticates it.
         if self.links.get(link.session_id) is link:
-            self._on_session_frame(link, frame, self._loop.time())
+            # A DATA record the hot path could not open goes straight to the general path, which
+            # opens it once more to say why (a forgery costs two AEAD checks, not three).
+            self._on_session_frame(link, frame, self._loop.time(), hot_path_tried=tried)
+
+    def _log_drop(self, name: str, **fields: Any) -> None:
+        """Log a dropped frame within the limiter's budget; its summary comes out on a timer."""
+        self._drop_log.event(self._loop.time(), name, logging.WARNING, **fields)
+        deadline = self._drop_log.next_deadline()
+        if deadline is not None and self._drop_log_timer is None:
+            self._drop_log_timer = self._loop.call_at(deadline, self._flush_drop_log)
+
+    def _flush_drop_log(self) -> None:
+        self._drop_log_timer = None
+        self._drop_log.flush(self._loop.time())
+        deadline = self._drop_log.next_deadline()
+        if deadline is not None:
+            self._drop_log_timer = self._loop.call_at(deadline, self._flush_drop_log)
 
     def _on_peer_joined(self, frame: frames.PeerJoined, now: float) -> None:
         cfg = self.config
@@ -454,6 +531,7 @@ class Node:
                 reason="not in --members allow-list",
                 identity=encode_public(frame.peer),
             )
+            self._refused[frame.peer] = (self.relay, frame)
             return
         existing = next((lk for lk in self.links.values() if lk.peer == frame.peer), None)
         if existing is not None and existing.state is LinkState.ESTABLISHED:
@@ -528,6 +606,8 @@ class Node:
             deliver=self._on_direct_frame,
             on_change=self._on_path_change,
             observed_peer_ip=est.peer_public_ip,
+            log_drop=self._log_drop,
+            gathering=self._gathering,
         )
         self.direct[link.session_id] = manager
 
@@ -597,18 +677,60 @@ class Node:
             peers.append(link.peer_name)
         return {"ok": True, "path": kind, "peers": peers}
 
+    # --- which members we should reach, and so whether we need the relay --------------
+
+    def _on_members(self, frame: frames.Members) -> None:
+        self.relay_members = frozenset(frame.identities) - {self.identity_raw} if frame.complete else None
+        log_event(log, "members", total=frame.total, listed=len(frame.identities))
+        if self.config.members is None and self.relay_members is not None:
+            # We trust the relay's list (no allow-list of our own): a peer it no longer lists was
+            # removed from the network, and its direct path must not outlive that.
+            now = self._loop.time()
+            for link in list(self.links.values()):
+                if link.peer not in self.relay_members:
+                    self._close_removed_peer(link, now, reason="no longer a member on the relay")
+        self._maybe_park_relay()
+
+    def known_members(self) -> frozenset[bytes] | None:
+        """The other members this node should reach (see :func:`members_to_reach`)."""
+        return members_to_reach(self.config.members, self.relay_members, self.identity_raw)
+
+    def members_missing(self) -> frozenset[bytes] | None:
+        """Known members we do not reach directly (None: we do not know who the members are)."""
+        known = self.known_members()
+        if known is None:
+            return None
+        return known - {link.peer for link in self.links.values() if link.paths.both_direct}
+
     def _maybe_park_relay(self) -> None:
-        """The seed: once the peers are direct, the relay connection is closed (unless kept as standby)."""
+        """The seed: once the peers are direct, the relay connection is closed (unless kept as standby).
+        In a mesh, only once every member we know of is reached directly: until then an idle
+        signalling-only connection is how we hear of members who come online (issue 8)."""
         if self.config.direct.standby != "close" or self.relay is None or self._parked:
             return
         if not self.links or not all(link.paths.both_direct for link in self.links.values()):
             return
         if any(manager.pinned_relay for manager in self.direct.values()):
             return
+        missing = self.members_missing()
+        if missing is None or missing:
+            hold = "the member list is unknown" if missing is None else f"{len(missing)} member(s) not reached directly"
+            if hold != self._relay_hold:
+                self._relay_hold = hold
+                log_event(log, "relay_kept", reason=hold, peers=len(self.links), signalling_only=True)
+            return
+        self._relay_hold = None
         self._parked = True
-        log_event(log, "relay_closed", reason="every peer is direct", peers=len(self.links))
+        log_event(log, "relay_closed", reason="every member is reached directly", peers=len(self.links))
         relay = self.relay
         self._loop.create_task(relay.close())
+
+    def _member_lost(self, peer: bytes) -> None:
+        """A link is gone for good: with the relay let go, we would not hear of that member again."""
+        known = self.known_members()
+        if self._parked and (known is None or peer in known):
+            log_event(log, "relay_needed", peer=short_id(peer), reason="a member is no longer reached")
+            self._need_relay()
 
     def _need_relay(self) -> None:
         if self._parked:
@@ -620,16 +742,33 @@ class Node:
     # --- TAP -----------------------------------------------------------------------
 
     def _on_tap_frames(self, batch: list[bytes]) -> None:
+        """Frames from our kernel: each to the peer owning its destination MAC, or to every peer."""
         now = self._loop.time()
-        links = [link for link in self.links.values() if link.state is LinkState.ESTABLISHED]
+        links = {link.peer: link for link in self.links.values() if link.state is LinkState.ESTABLISHED}
         if not links:
             self.tap_dropped += len(batch)
             return
-        for link in links:
+        if len(links) == 1:
+            # One peer: every frame goes to it, known destination or not (no lookups on the fast path).
+            (link,) = links.values()
             out: list[bytes] = []
             for eth in batch:
                 out += link.send_frame(eth, now)
             self._send_link(link, out)
+            return
+        switch = self.switch
+        per_link: dict[bytes, list[bytes]] = {peer: [] for peer in links}
+        for eth in batch:
+            owner = switch.port_for(eth, now)
+            if owner is not None and owner in links:
+                switch.counters.unicast += 1
+                per_link[owner] += links[owner].send_frame(eth, now)
+            else:
+                switch.counters.flooded += 1
+                for peer, link in links.items():
+                    per_link[peer] += link.send_frame(eth, now)
+        for peer, out in per_link.items():
+            self._send_link(links[peer], out)
 
     # --- timers --------------------------------------------------------------------
 
@@ -650,6 +789,101 @@ class Node:
                     if link.state is LinkState.CLOSED or (detached and link.state is LinkState.HANDSHAKING):
                         self._forget_link(session_id)
 
+    # --- allow-list reload (SIGHUP) -------------------------------------------------------
+
+    def reload_members(self) -> None:
+        """SIGHUP: re-read the ``--members`` allow-list; sessions with peers still on it are kept.
+
+        A peer no longer listed is told BYE on its current path and forgotten (its direct path
+        closed), and refused from then on. A newly listed peer is accepted when the relay
+        (re)announces it (:meth:`_reach_added_members`). A file that is now missing or
+        malformed changes nothing: the node keeps the list it has and says what is wrong.
+        """
+        cfg = self.config
+        if cfg.members is None or cfg.members_file is None:
+            log_event(log, "members_reload_skipped", reason="started without --members: no allow-list to re-read")
+            return
+        try:
+            members = load_members(cfg.members_file)
+        except IdentityError as exc:
+            log_event(
+                log,
+                "members_reload_failed",
+                logging.ERROR,
+                error=str(exc),
+                action=f"kept the previous allow-list of {len(cfg.members)} members",
+            )
+            return
+        change = diff_members(cfg.members, members)
+        cfg.members = members
+        log_event(
+            log,
+            "members_reloaded",
+            file=str(cfg.members_file),
+            added=len(change.added),
+            removed=len(change.removed),
+            members=change.total,
+        )
+        now = self._loop.time()
+        for link in list(self.links.values()):
+            if link.peer not in members:
+                self._close_removed_peer(link, now)
+        self._reach_added_members(change.added, now)
+        if change.removed:
+            self._maybe_park_relay()  # the peers that remain may all be direct now
+        self._wake.set()
+
+    def _close_removed_peer(
+        self, link: PeerLink, now: float, reason: str = "no longer in --members allow-list"
+    ) -> None:
+        # The peer reads why in its log (peer_bye); none is sent before the handshake is done.
+        allow_list = reason.startswith("no longer in")
+        bye = link.close("removed from the peer's --members allow-list" if allow_list else f"removed: {reason}", now)
+        self._send_link(link, bye)
+        log_event(
+            log,
+            "peer_removed",
+            logging.WARNING,
+            peer=link.peer_name,
+            session=link.sid,
+            reason=reason,
+            bye="sent" if bye else "no session yet",
+            identity=encode_public(link.peer),
+        )
+        self._forget_link(link.session_id)
+
+    def _reach_added_members(self, added: frozenset[bytes], now: float) -> None:
+        """Only the relay introduces peers (PEER_JOINED: when a member logs in, and every online
+        member when we log in), so a newly listed peer we have no link to is reached thus:
+
+        - relay let go (every peer was direct): reconnect, the only way to hear of it;
+        - connected, and the relay had announced it while we refused it: that relay session is
+          still open at both ends, so accept the remembered PEER_JOINED now. A reconnect would
+          also work, but it ends the relay sessions of our relayed peers, who would have to
+          handshake afresh. The handshake starts at once if we initiate it, else at the peer's
+          next attempt (within HANDSHAKE_TIMEOUT);
+        - otherwise it is not online yet (or we are reconnecting): it is announced when it comes.
+        """
+        waiting = added - {link.peer for link in self.links.values()} - {self.identity_raw}
+        if not waiting:
+            return
+        names = ",".join(short_id(peer) for peer in sorted(waiting))
+        if self._parked:
+            log_event(log, "relay_needed", peers=names, reason="added to --members: only the relay introduces peers")
+            self._need_relay()
+            return
+        for peer in sorted(waiting):
+            remembered = self._refused.pop(peer, None)
+            if remembered is not None and remembered[0] is not None and remembered[0] is self.relay:
+                log_event(log, "peer_accepted", peer=short_id(peer), reason="added to --members allow-list")
+                self._on_peer_joined(remembered[1], now)
+
+    def _forget_refused(self, left: frames.PeerLeft) -> None:
+        """A refused peer's relay session ended: there is nothing left to accept later."""
+        remembered = self._refused.get(left.peer)
+        if remembered is not None and remembered[1].session_id == left.session_id:
+            del self._refused[left.peer]
+
     # --- status --------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -662,7 +896,9 @@ class Node:
             manager = self.direct.get(link.session_id)
             entry["direct"] = manager.status() if manager is not None else None
             entry["relay_released"] = link.session_id in self.released
+            entry["macs"] = self.switch.addresses(link.peer, now)
             peers.append(entry)
+        known, missing = self.known_members(), self.members_missing()
         return {
             "version": 1,
             "identity": encode_public(self.identity_raw),
@@ -674,8 +910,13 @@ class Node:
                 "observed": f"{relay.observed_ip}:{relay.observed_port}" if relay else None,
                 "connects": self.relay_connects,
                 "last_error": self.relay_error,
+                "dropped": self.relay_frames_dropped,
                 "standby": cfg.direct.standby,
+                # Kept (idle, signalling only) while a member we know of is not reached directly.
+                "members_known": len(known) if known is not None else None,
+                "members_missing": sorted(short_id(m) for m in missing) if missing is not None else None,
             },
+            "switch": {"addresses": len(self.switch), **dataclasses.asdict(self.switch.counters)},
             "tap": {
                 "name": self.tap.name if self.tap else cfg.tap_name,
                 "address": cfg.address,

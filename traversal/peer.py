@@ -50,6 +50,11 @@ log = logging.getLogger("traversal.peer")
 ETHERNET_OVERHEAD = 18
 MIN_ETHERNET_FRAME = 14
 
+#: What :meth:`PeerLink.receive_data` returns for a record it opened and then dropped (an
+#: Ethernet frame out of bounds, counted): nothing for the TAP, and nothing left for
+#: :meth:`PeerLink.on_frame` to do (the record's counter is spent: it would count a replay).
+CONSUMED = b""
+
 
 class LinkState(Enum):
     HANDSHAKING = "handshaking"
@@ -62,7 +67,8 @@ class LinkState(Enum):
 class LinkCounters:
     tx_frames: int = 0  # Ethernet frames
     rx_frames: int = 0
-    dropped_oversize: int = 0
+    dropped_oversize: int = 0  # opened, but longer than MTU + ETHERNET_OVERHEAD
+    dropped_undersize: int = 0  # opened, but shorter than an Ethernet header
     handshakes: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -186,6 +192,8 @@ class PeerLink:
             # Once established, a stray first message (a replay) is ignored.
             self._handshake = self._new_handshake(now)
         if self._handshake is None or self.state is LinkState.ESTABLISHED:
+            # A replay, or a peer that handshakes for no reason: it costs this message, not the session.
+            self.count_drop("stray-handshake")
             log_event(log, "handshake_ignored", logging.DEBUG, peer=self.peer_name, session=self.sid)
             return []
         try:
@@ -331,19 +339,35 @@ class PeerLink:
         return frames.encode_session_frame(kind, self.session_id, payload)
 
     def receive_data(self, record: bytes, now: float) -> bytes | None:
-        """The hot path for one sealed DATA record: its Ethernet frame for the TAP, or None
-        when it needs :meth:`on_frame` (anything but the common case: see Session.open_data)."""
+        """The hot path for one sealed DATA record: its Ethernet frame for the TAP; :data:`CONSUMED`
+        (empty) if it opened but the frame is out of bounds (dropped and counted, nothing more to
+        do); or None when it needs :meth:`on_frame` (anything but the common case: see
+        Session.open_data)."""
         session = self.session
         if session is None or self._resume_deadline is not None:
             return None
         frame = session.open_data(record, now)
         if frame is None:
             return None
-        if not MIN_ETHERNET_FRAME <= len(frame) <= self.mtu + ETHERNET_OVERHEAD:
-            self.counters.dropped_oversize += 1
-            return None
+        if not self._frame_in_bounds(frame):
+            return CONSUMED
         self.counters.rx_frames += 1
         return frame
+
+    def _frame_in_bounds(self, frame: bytes) -> bool:
+        """An opened Ethernet frame the TAP may take; anything else is counted here."""
+        size = len(frame)
+        if size > self.mtu + ETHERNET_OVERHEAD:
+            self.counters.dropped_oversize += 1
+            return False
+        if size < MIN_ETHERNET_FRAME:
+            self.counters.dropped_undersize += 1
+            return False
+        return True
+
+    def count_drop(self, reason: str) -> None:
+        """Count one frame from this peer that was dropped for ``reason`` (shown in status "dropped")."""
+        self.counters.extra[reason] = self.counters.extra.get(reason, 0) + 1
 
     def on_frame(self, frame: frames.SessionFrame, now: float) -> tuple[list[bytes], list[bytes]]:
         """Handle a forwarded frame; returns (wire frames to send, Ethernet frames for the TAP)."""
@@ -357,7 +381,7 @@ class PeerLink:
             try:
                 records = frames.split_bundle(frame.payload)
             except frames.FrameError as exc:
-                self.counters.extra["malformed-bundle"] = self.counters.extra.get("malformed-bundle", 0) + 1
+                self.count_drop("malformed-bundle")
                 log_event(log, "bundle_dropped", logging.DEBUG, peer=self.peer_name, session=self.sid, reason=str(exc))
                 return [], []
             events = []
@@ -375,8 +399,7 @@ class PeerLink:
         delivered: list[bytes] = []
         for event in events:
             if isinstance(event, FrameReceived):
-                if not MIN_ETHERNET_FRAME <= len(event.frame) <= self.mtu + ETHERNET_OVERHEAD:
-                    self.counters.dropped_oversize += 1
+                if not self._frame_in_bounds(event.frame):
                     continue
                 self.counters.rx_frames += 1
                 delivered.append(event.frame)
@@ -409,8 +432,10 @@ class PeerLink:
             elif isinstance(event, RecordReceived):
                 if self.on_record is not None:
                     self.on_record(event.kind, event.plaintext)
+                else:  # PATH or CANDIDATES, but we offered no direct path (--no-direct, or the peer cannot)
+                    self.count_drop("unsolicited")
             elif isinstance(event, RecordDropped):
-                self.counters.extra[event.reason] = self.counters.extra.get(event.reason, 0) + 1
+                self.count_drop(event.reason)
                 log_event(
                     log, "record_dropped", logging.DEBUG, peer=self.peer_name, session=self.sid, reason=event.reason
                 )
@@ -492,6 +517,10 @@ class PeerLink:
             "rtt_ms": round(rtt * 1000, 2) if (rtt := self.last_rtt or self.paths.last_rtt) is not None else None,
             "session_age_s": round(now - self.established_at, 1) if self.established_at is not None else None,
             "handshakes": self.counters.handshakes,
-            "dropped": {**self.counters.extra, "oversize": self.counters.dropped_oversize},
+            "dropped": {
+                **self.counters.extra,
+                "oversize": self.counters.dropped_oversize,
+                "undersize": self.counters.dropped_undersize,
+            },
             "last_error": self.last_error,
         }

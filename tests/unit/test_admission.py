@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from relay_server import admission
-from relay_server.admission import REFUSED_FAILURES, REFUSED_FULL, REFUSED_PENDING, Admission, AdmissionError
+from relay_server.admission import (
+    REFUSED_FAILURES,
+    REFUSED_FULL,
+    REFUSED_PENDING,
+    REFUSED_RATE,
+    Admission,
+    AdmissionError,
+)
 
 
 def test_admits_until_full_then_refuses_and_counts() -> None:
@@ -37,7 +44,29 @@ def test_failed_logins_turn_an_address_away_for_the_window_only() -> None:
     assert "3 failed logins from 192.0.2.9" in refusal.message and "try again in 5 s" in refusal.message
     assert policy.connect("198.51.100.1", 5.0, clients=0) is None  # other addresses are not affected
     assert policy.connect("192.0.2.9", 10.5, clients=0) is None  # the first failure has aged out
-    assert policy.refused == {REFUSED_FULL: 0, REFUSED_PENDING: 0, REFUSED_FAILURES: 1}
+    assert policy.refused == {REFUSED_FULL: 0, REFUSED_PENDING: 0, REFUSED_FAILURES: 1, REFUSED_RATE: 0}
+
+
+def test_once_an_address_failed_its_logins_in_progress_count_against_the_limit() -> None:
+    policy = Admission(failure_limit=3, failure_window=10.0)
+    # A clean address may have any number of logins in progress (a NAT of honest clients)...
+    for _ in range(5):
+        assert policy.connect("192.0.2.9", 0.0, clients=0) is None
+    # ...but once one failed, failures plus logins still in flight may not exceed the limit, or an
+    # attacker with many logins in flight at once would get that many more failures than allowed.
+    policy.login_ended("192.0.2.9", 1.0, failed=True)  # 1 failed, 4 in flight
+    refusal = policy.connect("192.0.2.9", 1.0, clients=0)
+    assert refusal is not None and refusal.reason == REFUSED_FAILURES
+    assert "1 failed logins from 192.0.2.9 in 10 s and 4 more logging in" in refusal.message
+    for _ in range(3):
+        policy.login_ended("192.0.2.9", 2.0, failed=False)  # 1 failed, 1 in flight
+    assert policy.connect("192.0.2.9", 2.0, clients=0) is None  # 1 failed, 2 in flight
+    assert policy.connect("192.0.2.9", 2.0, clients=0) is not None
+    policy.login_ended("192.0.2.9", 3.0, failed=True)
+    policy.login_ended("192.0.2.9", 3.0, failed=True)  # 3 failed, none in flight: the limit, exactly
+    assert policy.connect("192.0.2.9", 3.0, clients=0) is not None
+    assert policy._in_flight == {} and policy.pending == 0
+    assert policy.connect("192.0.2.9", 11.5, clients=0) is None  # the window passed
 
 
 def test_successful_logins_do_not_count_against_an_address() -> None:

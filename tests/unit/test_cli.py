@@ -185,6 +185,16 @@ def test_relay_members_must_be_network_and_file(tmp_path: Path) -> None:
     assert_user_error(
         invoke("relay", "--insecure", "--members", f"chr-001:{tmp_path / 'none'}"), "members file", "does not exist"
     )
+    bad = tmp_path / "bad.members"
+    bad.write_text("not-a-key\n")
+    assert_user_error(invoke("relay", "--insecure", "--members", f"chr-001:{bad}"), f"{bad} line 1", "not a base64")
+
+
+@pytest.mark.parametrize("command", ["relay", "connect"])
+def test_help_says_sighup_rereads_the_members(command: str) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "SIGHUP re-reads" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from traversal.config import MAX_CONFIG_SIZE, ConfigError, load_section
+from transport.identity import IdentityError, encode_public, generate_identity, public_bytes
+from traversal.config import (
+    MAX_CONFIG_SIZE,
+    ConfigError,
+    MembersChange,
+    diff_members,
+    diff_networks,
+    load_networks,
+    load_section,
+    parse_members_spec,
+)
 
 ALLOWED: dict[str, type | tuple[type, ...]] = {
     "relay_url": str,
@@ -175,3 +185,53 @@ def test_any_file_content_is_a_dict_or_a_config_error(data: bytes) -> None:
                 assert str(path) in str(exc)
             else:
                 assert set(values) <= set(ALLOWED)
+
+
+# --- members files (relay --members NETWORK:FILE, connect --members FILE; re-read on SIGHUP) ----
+
+
+def _keys(n: int) -> list[bytes]:
+    return [public_bytes(generate_identity()) for _ in range(n)]
+
+
+def test_members_spec_is_network_and_file() -> None:
+    assert parse_members_spec("chr-001:/etc/traversal/chr-001.members") == (
+        "chr-001",
+        Path("/etc/traversal/chr-001.members"),
+    )
+    for bad in ("chr-001", ":file", "chr-001:", ""):
+        with pytest.raises(ConfigError, match="--members must be NETWORK:FILE"):
+            parse_members_spec(bad)
+
+
+def test_load_networks_reads_every_file_or_names_the_bad_one(tmp_path: Path) -> None:
+    a, b = _keys(2)
+    write(tmp_path, f"{encode_public(a)}  # a\n", "one.members")
+    write(tmp_path, f"# b\n{encode_public(b)}\n", "two.members")
+    files = {"one": tmp_path / "one.members", "two": tmp_path / "two.members"}
+    assert load_networks(files) == {"one": frozenset({a}), "two": frozenset({b})}
+    write(tmp_path, f"{encode_public(b)}\nnot-a-key\n", "two.members")
+    with pytest.raises(IdentityError, match=r"two\.members line 2: not a base64 public key"):
+        load_networks(files)
+    write(tmp_path, f"{encode_public(b)}\n", "two.members")
+    with pytest.raises(IdentityError, match=r"missing\.members does not exist"):
+        load_networks({**files, "three": tmp_path / "missing.members"})
+
+
+def test_diff_members_says_who_came_and_who_went() -> None:
+    a, b, c = _keys(3)
+    change = diff_members(frozenset({a, b}), frozenset({b, c}))
+    assert change == MembersChange(added=frozenset({c}), removed=frozenset({a}), total=2)
+    assert change.changed and change.summary() == "+1 -1 (2 members)"
+    same = diff_members(frozenset({a}), frozenset({a}))
+    assert not same.changed and same.summary() == "+0 -0 (1 members)"
+
+
+def test_diff_networks_per_network_in_name_order() -> None:
+    a, b = _keys(2)
+    changes = diff_networks({"z": frozenset({a}), "y": frozenset({a})}, {"z": frozenset({a, b}), "y": frozenset()})
+    assert list(changes) == ["y", "z"]
+    assert changes["y"].removed == {a} and changes["y"].total == 0
+    assert changes["z"].added == {b} and not changes["z"].removed
+    # A network the old map did not have: everyone is new.
+    assert diff_networks({}, {"x": frozenset({a})})["x"].added == {a}

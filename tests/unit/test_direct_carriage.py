@@ -126,3 +126,29 @@ def test_lean_data_is_the_frame_itself_on_the_wire(lean: bool) -> None:
             await carriage_b.close("test over")
 
     asyncio.run(main())
+
+
+# --- the node's gathering turn (traversal/direct.py _Turn) ------------------------------------------
+
+
+def test_a_gathering_turn_is_given_back_once_at_once_or_after_its_delay() -> None:
+    from traversal.direct import _Turn
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        lock = asyncio.Lock()
+        first = _Turn(lock, loop)
+        await first.take()
+        second = _Turn(lock, loop)
+        waiting = asyncio.ensure_future(second.take())
+        first.give_back_after(0.05)
+        await asyncio.sleep(0)
+        assert not waiting.done()  # the sequential attempt still holds the turn
+        await asyncio.wait_for(waiting, 1.0)  # ... until its delay is over
+        first.give_back()  # a second give-back (the attempt's end) releases nothing more
+        assert lock.locked()
+        second.give_back()
+        second.give_back()
+        assert not lock.locked()
+
+    asyncio.run(body())

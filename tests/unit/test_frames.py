@@ -19,6 +19,7 @@ from transport.constants import MAX_FRAME_SIZE, MAX_HANDSHAKE_SIZE, MAX_NETWORK_
 from transport.frames import (
     FORWARDED_TYPES,
     IDENTITY_SIZE,
+    MAX_MEMBERS_LISTED,
     MAX_SESSION_PAYLOAD,
     NONCE_SIZE,
     SEALED_TYPES,
@@ -33,6 +34,7 @@ from transport.frames import (
     Frame,
     FrameError,
     Hello,
+    Members,
     MsgType,
     PeerJoined,
     PeerLeft,
@@ -113,6 +115,9 @@ challenges = st.builds(Challenge, fixed(NONCE_SIZE))
 auths = st.builds(Auth, fixed(SIGNATURE_SIZE))
 auth_oks = st.builds(AuthOk, ips, u16s)
 peer_joineds = st.builds(PeerJoined, session_ids, identities)
+members_listed = st.lists(identities, max_size=MAX_MEMBERS_LISTED).map(lambda ids: Members(len(ids), tuple(ids)))
+members_counted = st.integers(MAX_MEMBERS_LISTED + 1, 0xFFFFFFFF).map(lambda total: Members(total, ()))
+memberses = st.one_of(members_listed, members_counted)
 peer_lefts = st.builds(PeerLeft, session_ids, identities, utf8_text(MAX_REASON))
 readies = st.builds(Ready, session_ids)
 establisheds = st.builds(
@@ -129,7 +134,7 @@ releases = st.builds(Release, session_ids)
 errors = st.builds(Error, st.one_of(st.sampled_from(ErrorCode), u16s), utf8_text(MAX_REASON))
 
 control_frames = st.one_of(
-    hellos, challenges, auths, auth_oks, peer_joineds, peer_lefts, readies, establisheds, releases, errors
+    hellos, challenges, auths, auth_oks, memberses, peer_joineds, peer_lefts, readies, establisheds, releases, errors
 )
 all_frames = st.one_of(control_frames, session_frames())
 small_frames = st.one_of(control_frames, session_frames(big=False))
@@ -153,6 +158,7 @@ CONTROL_STRATEGIES = {
     "challenge": challenges,
     "auth": auths,
     "auth_ok": auth_oks,
+    "members": memberses,
     "peer_joined": peer_joineds,
     "peer_left": peer_lefts,
     "ready": readies,
@@ -266,6 +272,14 @@ def test_golden_established() -> None:
     )
     assert encode(frame6) == wire6
     assert decode(wire6) == frame6
+
+
+def test_golden_members() -> None:
+    wire = encode(Members(2, (IDENT, SID * 2)))
+    assert wire == V + bytes([MsgType.MEMBERS]) + b"\x00\x00\x00\x02" + b"\x00\x02" + IDENT + SID * 2
+    assert encode(Members(1000, ())) == V + bytes([MsgType.MEMBERS]) + struct.pack("!IH", 1000, 0)
+    with pytest.raises(FrameError, match="all of them"):
+        decode(V + bytes([MsgType.MEMBERS]) + struct.pack("!IH", 3, 1) + IDENT)
 
 
 def test_golden_session_frame() -> None:
@@ -511,6 +525,10 @@ BAD_FRAMES = {
     "auth signature 65": Auth(bytes(SIGNATURE_SIZE + 1)),
     "auth signature empty": Auth(b""),
     "peer_joined session id 15": PeerJoined(bytes(15), IDENT),
+    "members listing some": Members(3, (IDENT, IDENT)),
+    "members listing too many": Members(MAX_MEMBERS_LISTED + 1, (IDENT,) * (MAX_MEMBERS_LISTED + 1)),
+    "members identity 31": Members(1, (bytes(31),)),
+    "members count -1": Members(-1, ()),
     "peer_joined peer 31": PeerJoined(SID, bytes(31)),
     "peer_left session id 17": PeerLeft(bytes(17), IDENT, "x"),
     "peer_left peer 33": PeerLeft(SID, bytes(33), "x"),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from traversal.logfmt import format_event, log_event
+from traversal.logfmt import LOG_MAX_KEYS, LogLimiter, format_event, log_event
 
 
 def parse(line: str) -> dict[str, str]:
@@ -133,3 +135,95 @@ def test_log_event_does_not_format_when_the_level_is_off() -> None:
         log_event(logger, "chatter", logging.DEBUG, value=Explosive())
     finally:
         logger.setLevel(logging.NOTSET)
+
+
+# --- LogLimiter: per-frame events, a few per key and interval -----------------------------
+
+
+def _limited(caplog: pytest.LogCaptureFixture, **kwargs: Any) -> tuple[LogLimiter, Callable[[], list[str]]]:
+    logger = logging.getLogger("traversal.test_logfmt.limited")
+    caplog.set_level(logging.INFO, logger=logger.name)
+
+    def lines() -> list[str]:
+        out = [r.getMessage() for r in caplog.records if r.name == logger.name]
+        caplog.clear()
+        return out
+
+    return LogLimiter(logger, **kwargs), lines
+
+
+def test_limiter_logs_a_burst_then_one_summary_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    limiter, lines = _limited(caplog, burst=3, interval=60.0)
+    logged = [limiter.event(10.0 + i * 0.001, "direct_frame_dropped", peer="abc", reason="junk") for i in range(1000)]
+    assert logged == [True] * 3 + [False] * 997
+    assert lines() == ["event=direct_frame_dropped peer=abc reason=junk"] * 3
+    assert limiter.next_deadline() == 70.0
+    limiter.flush(69.99)
+    assert lines() == []  # the interval has not ended
+    limiter.flush(70.0)
+    assert lines() == ["event=direct_frame_dropped_suppressed peer=abc suppressed=997 interval_s=60"]
+    assert limiter.next_deadline() is None
+    # A new interval starts with a full budget.
+    assert limiter.event(71.0, "direct_frame_dropped", peer="abc", reason="junk")
+    assert lines() == ["event=direct_frame_dropped peer=abc reason=junk"]
+
+
+def test_limiter_keys_by_event_and_peer(caplog: pytest.LogCaptureFixture) -> None:
+    limiter, lines = _limited(caplog, burst=1, interval=60.0)
+    for peer in ("abc", "def"):
+        for _ in range(5):
+            limiter.event(0.0, "direct_frame_dropped", peer=peer, reason="junk")
+    for _ in range(5):
+        limiter.event(0.0, "relay_frame_dropped", reason="junk")  # no peer field: one key of its own
+    assert lines() == [
+        "event=direct_frame_dropped peer=abc reason=junk",
+        "event=direct_frame_dropped peer=def reason=junk",
+        "event=relay_frame_dropped reason=junk",
+    ]
+    limiter.flush(60.0)
+    assert sorted(lines()) == [
+        "event=direct_frame_dropped_suppressed peer=abc suppressed=4 interval_s=60",
+        "event=direct_frame_dropped_suppressed peer=def suppressed=4 interval_s=60",
+        "event=relay_frame_dropped_suppressed suppressed=4 interval_s=60",
+    ]
+
+
+def test_limiter_summarises_an_ended_interval_when_the_next_event_comes(caplog: pytest.LogCaptureFixture) -> None:
+    """Without a flush (a driver that never ran its timer), the summary still comes, just later."""
+    limiter, lines = _limited(caplog, burst=1, interval=10.0)
+    for now in (0.0, 1.0, 2.0):
+        limiter.event(now, "e", logging.WARNING, peer="p")
+    assert lines() == ["event=e peer=p"]
+    assert limiter.event(15.0, "e", logging.WARNING, peer="p")
+    assert lines() == ["event=e_suppressed peer=p suppressed=2 interval_s=10", "event=e peer=p"]
+
+
+def test_limiter_quiet_intervals_need_no_timer_and_are_forgotten(caplog: pytest.LogCaptureFixture) -> None:
+    limiter, lines = _limited(caplog, burst=5, interval=10.0)
+    limiter.event(0.0, "e", peer="p")
+    assert limiter.next_deadline() is None  # nothing suppressed: nothing to summarise
+    limiter.flush(10.0)
+    assert lines() == ["event=e peer=p"]
+    assert limiter._windows == {}
+
+
+def test_limiter_keeps_the_level_of_the_event(caplog: pytest.LogCaptureFixture) -> None:
+    limiter, _ = _limited(caplog, burst=1, interval=1.0)
+    limiter.event(0.0, "e", logging.ERROR, peer="p")
+    limiter.event(0.0, "e", logging.ERROR, peer="p")
+    limiter.flush(1.0)
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.ERROR]
+
+
+def test_limiter_bounds_the_keys_it_tracks(caplog: pytest.LogCaptureFixture) -> None:
+    limiter, lines = _limited(caplog, burst=1, interval=1.0)
+    for i in range(3 * LOG_MAX_KEYS):
+        limiter.event(float(i), "e", peer=f"p{i}")  # each key's interval ends before the next starts
+    assert len(limiter._windows) <= LOG_MAX_KEYS
+    assert len(lines()) == 3 * LOG_MAX_KEYS
+
+
+@pytest.mark.parametrize(("burst", "interval"), [(0, 60.0), (1, 0.0), (1, -1.0)])
+def test_limiter_refuses_impossible_limits(burst: int, interval: float) -> None:
+    with pytest.raises(ValueError, match="burst"):
+        LogLimiter(logging.getLogger("x"), burst=burst, interval=interval)

@@ -20,7 +20,7 @@ from transport.constants import DEAD_PEER_TIMEOUT, HANDSHAKE_TIMEOUT
 from transport.frames import MsgType, SessionFrame
 from transport.handshake import MSG1_SIZE, MSG2_SIZE, MSG3_SIZE
 from transport.identity import encode_public, generate_identity, generate_psk, public_bytes
-from traversal.peer import ETHERNET_OVERHEAD, MIN_ETHERNET_FRAME, LinkState, PeerLink
+from traversal.peer import CONSUMED, ETHERNET_OVERHEAD, MIN_ETHERNET_FRAME, LinkState, PeerLink
 
 SESSION_ID = bytes(range(16))
 NETWORK = "chr-001"
@@ -253,25 +253,50 @@ def test_a_forged_record_in_a_bundle_costs_only_itself() -> None:
     assert sum(res.counters.extra.values()) == 1, res.counters.extra
 
 
-@pytest.mark.parametrize(
-    ("size", "delivered"),
-    [
-        (0, False),
-        (MIN_ETHERNET_FRAME - 1, False),
-        (MIN_ETHERNET_FRAME, True),
-        (MTU + ETHERNET_OVERHEAD, True),
-        (MTU + ETHERNET_OVERHEAD + 1, False),  # would pass under the default 1400 MTU: the relay's MTU applies
-        (4000, False),
-    ],
-)
-def test_frames_outside_ethernet_bounds_are_dropped_and_counted(size: int, delivered: bool) -> None:
+_BOUNDS = [
+    (0, "undersize"),
+    (MIN_ETHERNET_FRAME - 1, "undersize"),
+    (MIN_ETHERNET_FRAME, None),
+    (MTU + ETHERNET_OVERHEAD, None),
+    (MTU + ETHERNET_OVERHEAD + 1, "oversize"),  # would pass under the default MTU: the relay's MTU applies
+    (4000, "oversize"),
+]
+
+
+def _bound_drops(link: PeerLink) -> dict[str, int]:
+    dropped = link.status(1.0)["dropped"]
+    return {reason: count for reason, count in dropped.items() if count}
+
+
+@pytest.mark.parametrize(("size", "dropped"), _BOUNDS)
+def test_frames_outside_ethernet_bounds_are_dropped_and_counted(size: int, dropped: str | None) -> None:
     ini, res, relay = connect()
     frame = ethernet(size)
     relay.send(ini, ini.send_frame(frame, 1.0))
     relay.pump(1.0)
-    assert relay.delivered[id(res)] == ([frame] if delivered else [])
-    assert res.counters.dropped_oversize == (0 if delivered else 1)
-    assert res.counters.rx_frames == (1 if delivered else 0)
+    assert relay.delivered[id(res)] == ([] if dropped else [frame])
+    assert _bound_drops(res) == ({dropped: 1} if dropped else {})
+    assert res.counters.rx_frames == (0 if dropped else 1)
+
+
+@pytest.mark.parametrize(("size", "dropped"), _BOUNDS)
+def test_the_hot_path_consumes_an_out_of_bounds_frame_and_counts_it_once(size: int, dropped: str | None) -> None:
+    """receive_data opens the record (its counter is spent): for a frame out of bounds it must say
+    "consumed", not "use on_frame", or the driver hands the record on and it counts as a replay too."""
+    ini, res, _ = connect()
+    frame = ethernet(size)
+    (wire,) = ini.send_frame(frame, 1.0)
+    record = frames.decode(wire).payload  # type: ignore[union-attr]
+    got = res.receive_data(record, 1.0)
+    if dropped:
+        assert got is CONSUMED and not got
+    else:
+        assert got == frame
+    assert _bound_drops(res) == ({dropped: 1} if dropped else {})
+    # The same record again is a replay, and only a replay: the hot path passes it on.
+    assert res.receive_data(record, 1.1) is None
+    res.on_frame(frames.decode(wire), 1.1)  # type: ignore[arg-type]
+    assert _bound_drops(res) == ({dropped: 1, "replay": 1} if dropped else {"replay": 1})
 
 
 def test_send_frame_before_established_returns_nothing() -> None:
@@ -389,7 +414,39 @@ def test_replayed_handshake_after_established_does_not_disturb_the_session() -> 
     assert ini.state is LinkState.ESTABLISHED and res.state is LinkState.ESTABLISHED
     assert ini.session_tag == tag and res.session_tag == tag
     assert ini.counters.handshakes == 1 and res.counters.handshakes == 1
+    # Each stray message is counted where it landed.
+    assert res.counters.extra == {"stray-handshake": 3} and ini.counters.extra == {"stray-handshake": 1}
     assert_data_flows(ini, res, relay, 1.0)
+
+
+@pytest.mark.parametrize("kind", [MsgType.PATH, MsgType.CANDIDATES])
+def test_a_record_for_a_direct_path_nobody_offered_is_counted(kind: MsgType) -> None:
+    ini, res, relay = connect()
+    seen: list[tuple[MsgType, bytes]] = []
+    wire = ini.seal_record(kind, b"\x01nonsense", 1.0)
+    assert wire is not None
+    res.on_frame(frames.decode(wire), 1.0)  # type: ignore[arg-type]
+    assert res.counters.extra == {"unsolicited": 1}
+    # With a direct-path manager listening, the same kind of record goes to it instead.
+    res.on_record = lambda k, plaintext: seen.append((k, plaintext))
+    wire = ini.seal_record(kind, b"\x02offer", 1.0)
+    assert wire is not None
+    res.on_frame(frames.decode(wire), 1.0)  # type: ignore[arg-type]
+    assert seen == [(kind, b"\x02offer")] and res.counters.extra == {"unsolicited": 1}
+    assert_data_flows(ini, res, relay, 2.0)
+
+
+def test_count_drop_shows_in_status() -> None:
+    ini, _ = make_links()
+    ini.count_drop("malformed-frame")
+    ini.count_drop("malformed-frame")
+    ini.count_drop("unexpected-frame")
+    assert ini.status(0.0)["dropped"] == {
+        "malformed-frame": 2,
+        "unexpected-frame": 1,
+        "oversize": 0,
+        "undersize": 0,
+    }
 
 
 # --- closing, liveness -----------------------------------------------------------------

@@ -39,6 +39,7 @@ from relay_server.tls import client_ssl_context, ensure_self_signed, server_ssl_
 from transport import frames
 from transport.constants import MAX_FRAME_SIZE, MAX_HANDSHAKE_SIZE
 from transport.frames import (
+    MAX_MEMBERS_LISTED,
     Auth,
     AuthOk,
     Challenge,
@@ -47,6 +48,7 @@ from transport.frames import (
     Established,
     Frame,
     Hello,
+    Members,
     MsgType,
     PeerJoined,
     PeerLeft,
@@ -88,6 +90,7 @@ class Peer:
     ws: ClientConnection
     key: Ed25519PrivateKey
     auth_ok: AuthOk
+    members: Members
 
     @property
     def identity(self) -> bytes:
@@ -134,7 +137,9 @@ class Harness:
         await ws.send(encode(Auth(key.sign(relay_auth_message(network, identity, challenge.nonce)))))
         auth_ok = decode(await asyncio.wait_for(ws.recv(), STEP))
         assert isinstance(auth_ok, AuthOk), auth_ok
-        return Peer(ws, key, auth_ok)
+        members = decode(await asyncio.wait_for(ws.recv(), STEP))  # the network's members, always next
+        assert isinstance(members, Members), members
+        return Peer(ws, key, auth_ok, members)
 
     async def pair(
         self, a_key: Ed25519PrivateKey, b_key: Ed25519PrivateKey, **b_kwargs: Any
@@ -734,6 +739,30 @@ def test_random_garbage_never_breaks_the_relay(tmp_path: Path) -> None:
 # --- admission limits ------------------------------------------------------------------------
 
 
+def test_too_many_new_connections_from_one_address_get_429_before_the_upgrade(tmp_path: Path) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    (a_key,) = keys(1)
+
+    async def main() -> None:
+        async with relay_running(tmp_path, {NET: members(a_key)}, connection_rate=0.5, connection_burst=2) as h:
+            first, second = await h.open(), await h.open()  # the burst
+            with pytest.raises(InvalidStatus) as refused:
+                await h.open()
+            assert refused.value.response.status_code == 429
+            text = h.relay.metrics_text()
+            assert metric(text, 'traversal_relay_refused_total{reason="rate"}') == 1
+            assert metric(text, "traversal_relay_connections_open") == 2  # the refused one never got a handler
+            await first.close()
+            await second.close()
+            # The refusal is per address and the bucket refills: after 2 s one more may come.
+            await asyncio.sleep(2.1)
+            a = await h.login(a_key)
+            await a.ws.close()
+
+    run(main())
+
+
 def test_a_full_relay_refuses_with_overloaded_and_admits_again_when_a_client_leaves(tmp_path: Path) -> None:
     a_key, b_key, c_key = keys(3)
 
@@ -775,6 +804,34 @@ def test_logins_in_progress_are_bounded(tmp_path: Path) -> None:
             assert metric(text, 'traversal_relay_refused_total{reason="pending"}') == 1
             assert metric(text, "traversal_relay_logins_pending") == 0
             await a.ws.close()
+
+    run(main())
+
+
+def test_abandoned_logins_are_counted_like_the_failures_they_are(tmp_path: Path) -> None:
+    (member,) = keys(1)
+
+    async def main() -> None:
+        limits = {"auth_failure_limit": 2, "auth_failure_window": 60.0}
+        async with relay_running(tmp_path, {NET: members(member)}, **limits) as h:
+            silent = await h.open()  # connects, then hangs up without a word
+            await silent.close()
+            halfway = await h.open()  # hangs up after its CHALLENGE
+            await halfway.send(encode(Hello(NET, public_bytes(member), True)))
+            assert isinstance(decode(await asyncio.wait_for(halfway.recv(), STEP)), Challenge)
+            await halfway.close()
+            abandoned = 'traversal_relay_auth_failures_total{reason="abandoned"}'
+            await wait_until(lambda: metric(h.relay.metrics_text(), abandoned) == 2)
+            # They count against the address like any failed login, so /metrics must show them:
+            # otherwise the refusal below would have no visible cause.
+            ws = await h.open()
+            error = await expect_refused(ws, ErrorCode.OVERLOADED, 1013)
+            assert "2 failed logins from 127.0.0.1" in error.reason, error
+            text = h.relay.metrics_text()
+            assert metric(text, 'traversal_relay_refused_total{reason="failures"}') == 1
+            assert metric(text, abandoned) == 2  # the refusal is not an abandoned login
+            assert metric(text, "traversal_relay_protocol_errors_total") == 0
+            assert metric(text, "traversal_relay_logins_pending") == 0
 
     run(main())
 
@@ -853,6 +910,68 @@ def test_metrics_over_https(tmp_path: Path) -> None:
     run(main())
 
 
+def test_members_follow_auth_ok_and_every_change(tmp_path: Path) -> None:
+    a_key, b_key, c_key = keys(3)
+
+    async def main() -> None:
+        async with relay_running(tmp_path, {NET: members(a_key, b_key)}) as h:
+            a = await h.login(a_key)
+            assert a.members == Members(2, tuple(sorted([a.identity, public_bytes(b_key)])))
+            h.relay.set_networks({NET: members(a_key, b_key, c_key)})
+            grown = await a.recv()
+            assert isinstance(grown, Members) and set(grown.identities) == {
+                public_bytes(k) for k in (a_key, b_key, c_key)
+            }
+            h.relay.set_networks({NET: members(a_key, b_key, c_key)})  # no change: nothing to tell
+            h.relay.set_networks({NET: members(a_key)})
+            assert await a.recv() == Members(1, (a.identity,))
+
+    run(main())
+
+
+def test_members_beyond_one_frame_are_counted_not_listed(tmp_path: Path) -> None:
+    many = [Ed25519PrivateKey.generate() for _ in range(MAX_MEMBERS_LISTED + 1)]
+
+    async def main() -> None:
+        async with relay_running(tmp_path, {NET: members(*many)}) as h:
+            a = await h.login(many[0])
+            assert a.members == Members(MAX_MEMBERS_LISTED + 1, ())
+
+    run(main())
+
+
+def test_metrics_count_how_far_each_connection_got(tmp_path: Path) -> None:
+    (a_key,) = keys(1)
+
+    def stages(text: str) -> dict[str, float]:
+        names = ("accepted", "tls", "http", "websocket")
+        return {name: metric(text, f'traversal_relay_connections_total{{stage="{name}"}}') for name in names}
+
+    async def main() -> None:
+        async with relay_running(tmp_path, {NET: members(a_key)}) as h:
+            assert stages(h.relay.metrics_text()) == {"accepted": 0, "tls": 0, "http": 0, "websocket": 0}
+            # TCP, then garbage instead of a ClientHello: dropped during TLS.
+            _, writer = await asyncio.open_connection("127.0.0.1", h.relay.port)
+            writer.write(random.randbytes(64) + b"\r\n\r\n")
+            await writer.drain()
+            await wait_until(lambda: stages(h.relay.metrics_text())["accepted"] == 1)
+            writer.close()
+            # TLS, then garbage instead of an HTTP request: dropped after TLS, before a request.
+            reader, writer = await asyncio.open_connection("127.0.0.1", h.relay.port, ssl=h.ca)
+            writer.write(b"\x00\xff garbage \r\n\r\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), STEP) == b""
+            writer.close()
+            # A plain HTTP request (/metrics) and a WebSocket login.
+            status, _, _ = await asyncio.to_thread(_https_get, h.relay.port, h.ca, "/metrics")
+            assert status == 200
+            a = await h.login(a_key)
+            assert stages(h.relay.metrics_text()) == {"accepted": 4, "tls": 3, "http": 1, "websocket": 1}
+            await a.ws.close()
+
+    run(main())
+
+
 def test_set_networks_disconnects_removed_members(tmp_path: Path) -> None:
     a_key, b_key, c_key = keys(3)
 
@@ -864,7 +983,9 @@ def test_set_networks_disconnects_removed_members(tmp_path: Path) -> None:
             h.relay.set_networks({NET: members(a_key)})
             err = await expect_refused(b.ws, ErrorCode.NOT_A_MEMBER, 1008)
             assert encode_public(b.identity) in err.reason
-            assert await a.recv() == PeerLeft(sid, b.identity, "removed from the network")
+            # The member who stays hears that b left, and the network's new member list (in either order).
+            told = {await a.recv(), await a.recv()}
+            assert told == {PeerLeft(sid, b.identity, "removed from the network"), Members(1, (a.identity,))}
             await expect_refused(c.ws, ErrorCode.UNKNOWN_NETWORK, 1008)
             # The removed identity cannot come back; the remaining member stays.
             ws = await h.open()
