@@ -52,10 +52,14 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Test files run in parallel, whole (a lab test file shares one lab): the lab tests mostly wait on
+# timers and the network, so two workers fit two cores. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+
 test: install
 	@$(MAKE) --no-print-directory system-packages
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -ra --durations=15
+	$(VENV)/bin/pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 unit: install
 	$(VENV)/bin/pytest -q -ra tests/unit
@@ -84,7 +88,8 @@ fuzz: install
 # cannot be), time to direct per NAT pair with relay bytes per set-up, the relay -> direct switch
 # under the seed's geography, one relay's capacity, a 10-minute soak with the direct path cut every
 # 30 s (bench/soak.py), the relay under hostile clients (bench/hostile_clients.py), a 16-peer full
-# mesh (bench/mesh.py, about 3 minutes); then
+# mesh of every NAT profile and one where every pair can go direct (bench/mesh.py, about 3 minutes
+# each); then
 # bench/results.md gathers every figure.
 # Plots need matplotlib (the "bench" extra). Each script also runs alone (see its --help).
 BENCH_PACKAGES := iperf3
@@ -99,6 +104,8 @@ bench: install
 	$(PY) bench/soak.py
 	$(PY) bench/hostile_clients.py
 	$(PY) bench/mesh.py
+	$(PY) bench/mesh.py --sites cone:4,cone:4,cone:3,fullcone,public,symseq,symseq,cone \
+	  --out bench/mesh_direct.md --json bench/mesh_direct.json --png bench/mesh_direct.png
 	$(PY) bench/results.py
 
 lab-up: install

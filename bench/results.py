@@ -27,6 +27,7 @@ SOURCES = {
     "soak": "soak.json",
     "hostile_clients": "hostile_clients.json",
     "mesh": "mesh.json",
+    "mesh_direct": "mesh_direct.json",
 }
 REPORTS = {
     "throughput": "throughput.md",
@@ -36,6 +37,7 @@ REPORTS = {
     "soak": "soak.md",
     "hostile_clients": "hostile_clients.md",
     "mesh": "mesh.md",
+    "mesh_direct": "mesh_direct.md",
 }
 
 
@@ -327,6 +329,11 @@ def render(data: dict[str, dict[str, Any] | None], context: Context) -> str:
     lines += ["## Full mesh: 16 peers on one network", "", _provenance(mesh, "mesh"), ""]
     if mesh:
         lines += [*mesh.get("summary_markdown", []), ""]
+    mesh_direct = data.get("mesh_direct")
+    lines += ["## Full mesh where every pair can go direct", "", _provenance(mesh_direct, "mesh_direct"), ""]
+    if mesh_direct:
+        lines += [line.replace("(mesh.png)", "(mesh_direct.png)") for line in mesh_direct.get("summary_markdown", [])]
+        lines += [""]
     lines += [
         "## Reproduce",
         "",

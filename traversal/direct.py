@@ -198,6 +198,21 @@ SEQUENTIAL_TURN_S = 1.0
 RETRY_JITTER = 0.2
 
 
+class GatheringTurns:
+    """A node's turns at gathering candidates, shared by its DirectPathManagers.
+
+    Behind a NAT that allocates ports in sequence, the ports an attempt predicts are the next ones
+    the NAT hands out, so another attempt of the same node must not take them (by its own STUN
+    queries, or by opening its mappings) before they are used: such attempts take turns. Whether
+    the NAT is like that is known from the last gathering (``sequential``); until the first one,
+    attempts take turns too. Behind any other NAT, or with no STUN answer at all, they run at once.
+    """
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.sequential: bool | None = None  # None: not measured yet
+
+
 class _Turn:
     """One hold of a node's gathering lock, given back exactly once: at once, or after a delay."""
 
@@ -237,12 +252,12 @@ class DirectPathManager:
         on_change: Callable[[PeerLink], None],
         observed_peer_ip: str | None,
         log_drop: Callable[..., None] | None = None,
-        gathering: asyncio.Lock | None = None,
+        gathering: GatheringTurns | None = None,
     ) -> None:
         self.link = link
         #: Shared by a node's managers: one attempt at a time gathers and opens its first mappings
         #: (see :meth:`_run_attempt`).
-        self._gathering = gathering or asyncio.Lock()
+        self._gathering = gathering or GatheringTurns()
         #: How a rejected record from the peer is logged: the node passes its rate-limited logger
         #: (a member sending bad candidates or path messages by the thousand must not flood the log).
         self._log_drop = log_drop or (lambda name, **fields: log_event(log, name, logging.WARNING, **fields))
@@ -366,7 +381,8 @@ class DirectPathManager:
         started = self._loop.time()
         deadline = started + self.settings.timeout
         agent: IceAgent | None = None
-        turn = _Turn(self._gathering, self._loop)
+        turns = self._gathering
+        turn = _Turn(turns.lock, self._loop)
         log_event(log, "direct_attempt", peer=link.peer_name, session=link.sid, attempt=attempt)
         try:
             self.state = "gathering"
@@ -377,18 +393,20 @@ class DirectPathManager:
                 exclude_addresses=self.settings.exclude_addresses,
             )
             # Gathering counts against the attempt's deadline too (STUN may get no answer).
-            # Behind a NAT that allocates ports in sequence, the ports we predict are the next ones
-            # it hands out, so another attempt of this node must not take them (by gathering, or by
-            # opening its own mappings) before ours are used: attempts gather one at a time, and a
-            # sequential one holds the turn until its first checks are out, for a bounded time
-            # (a peer slow to answer must not stall every other attempt of the node).
-            await turn.take()
+            # Behind a sequentially allocating NAT, attempts take turns (see GatheringTurns); one
+            # holds its turn until its first checks are out, for a bounded time (a peer slow to
+            # answer must not stall every other attempt of the node).
+            if turns.sequential is not False:
+                await turn.take()
+                if turns.sequential is False:
+                    turn.give_back()  # measured while we waited: no need
             local = await agent.gather(timeout=min(ICE_GATHER_TIMEOUT, self._left(deadline, "STUN answers")))
             nat = agent.nat
-            if nat is None or not nat.predicted_ports:
-                turn.give_back()
-            else:
+            turns.sequential = nat is not None and bool(nat.predicted_ports)
+            if turns.sequential:
                 turn.give_back_after(SEQUENTIAL_TURN_S)
+            else:
+                turn.give_back()
             certificate = None if self.controlling else make_session_certificate()
             offer = CandidateOffer(
                 attempt=attempt,

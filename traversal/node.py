@@ -49,7 +49,7 @@ from transport.identity import IdentityError, encode_public, load_members, publi
 from transport.paths import PathSwitch, Route
 from traversal.config import diff_members
 from traversal.control import ControlServer
-from traversal.direct import DirectPathManager, DirectSettings
+from traversal.direct import DirectPathManager, DirectSettings, GatheringTurns
 from traversal.logfmt import LogLimiter, log_event
 from traversal.peer import LinkState, PeerLink
 from traversal.relay_client import RelayLink, RelayRefused, RelayUnavailable, client_ssl_context, connect_relay
@@ -155,7 +155,7 @@ class Node:
         self.relay_members: frozenset[bytes] | None = None
         self._relay_hold: str | None = None  # why the relay connection is kept, as last logged
         #: One direct attempt at a time gathers candidates (see DirectPathManager._run_attempt).
-        self._gathering = asyncio.Lock()
+        self._gathering = GatheringTurns()
         self._control = ControlServer(
             config.control_path,
             self.status,

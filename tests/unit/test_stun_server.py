@@ -129,6 +129,8 @@ def test_response_port_sends_to_the_source_ip() -> None:
         (binding_request(response_port=5, padding=8).encode(), 400),
         (StunMessage(BINDING, StunClass.REQUEST, bytes(12), ((Attr.RESPONSE_PORT, bytes(4)),)).encode(), 400),
     ],
+    # Fixed ids: the requests carry random transaction ids, and parallel workers must agree on the names.
+    ids=["unknown-comprehension-required", "allocate", "response-port-with-padding", "bad-response-port"],
 )
 def test_error_responses(request_bytes: bytes, code: int) -> None:
     core = _core()
@@ -165,6 +167,18 @@ def test_padding_is_echoed_never_grown() -> None:
         (binding_success(binding_request(), CLIENT).encode(), "dropped_unexpected"),
         (StunMessage(BINDING, StunClass.INDICATION, bytes(12)).encode(), "dropped_unexpected"),
         (binding_request(padding=1500).encode() + bytes(1000), "dropped_malformed"),
+    ],
+    ids=[
+        "empty",
+        "http",
+        "dtls",
+        "short-header",
+        "truncated",
+        "trailing-bytes",
+        "bad-fingerprint",
+        "a-response",
+        "an-indication",
+        "oversized",
     ],
 )
 def test_junk_is_dropped_and_counted(data: bytes, counter: str) -> None:
