@@ -236,6 +236,22 @@ def genpsk(out: str, force: bool) -> None:
     help="New connections a second per IP address (bursts of --conn-burst); more get HTTP 429. 0: no limit.",
 )
 @click.option(
+    "--stun-rate",
+    "stun_rate",
+    type=click.FloatRange(0, min_open=True),
+    default=50.0,
+    show_default=True,
+    help="STUN requests a second per source IP address (bursts of --stun-burst); more are dropped unanswered.",
+)
+@click.option(
+    "--stun-burst",
+    "stun_burst",
+    type=click.IntRange(1),
+    default=200,
+    show_default=True,
+    help="STUN requests one source IP address may send at once before --stun-rate applies.",
+)
+@click.option(
     "--conn-burst",
     "conn_burst",
     type=click.IntRange(1),
@@ -263,9 +279,12 @@ def relay(
     auth_failure_window: float,
     conn_rate: float,
     conn_burst: int,
+    stun_rate: float,
+    stun_burst: int,
     verbose: bool,
 ) -> None:
     """Run the relay: login, pairing, end-to-end message forwarding, /metrics; optionally STUN."""
+    from relay_server.ratelimit import RateLimiter
     from relay_server.server import RelayConfig, RelayError, run_relay
     from relay_server.stun_server import StunServer, StunServerError
     from relay_server.tls import TlsError, ensure_self_signed, server_ssl_context
@@ -328,7 +347,7 @@ def relay(
         if stun_primary[1] == 0 or (stun_alternate and stun_alternate[1] == 0):
             raise UserError("--stun and --stun-alt need a port (3478 is the usual one)")
         try:
-            stun_server = StunServer(stun_primary, stun_alternate)
+            stun_server = StunServer(stun_primary, stun_alternate, limiter=RateLimiter(stun_rate, stun_burst))
         except StunServerError as exc:
             raise UserError(str(exc)) from None
 
@@ -452,6 +471,8 @@ def connect(
     ]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (give them as flags or in the [connect] table of --config)")
+    if not (relay_checkin == 0 or 10 <= relay_checkin <= 86400):
+        raise UserError("--relay-checkin must be 0 (never) or between 10 and 86400 seconds")
     assert relay_url and network and identity and address
     try:
         validate_relay_url(relay_url, insecure)
@@ -471,8 +492,6 @@ def connect(
         raise UserError(f"--address needs a prefix length, e.g. {address}/24")
     direct = _direct_settings(relay_url, stun, no_direct, direct_timeout, direct_retry, relay_standby, udp_ports)
     direct.carriage = carriage
-    if not (relay_checkin == 0 or 10 <= relay_checkin <= 86400):
-        raise UserError("--relay-checkin must be 0 (never) or between 10 and 86400 seconds")
     direct.checkin = relay_checkin
     try:
         config = NodeConfig(

@@ -286,3 +286,32 @@ def test_status_table_shows_path_endpoint_and_rtt(control_socket: Path) -> None:
     columns = row.split()
     assert columns[:4] == ["PEERKEY1", "established", "relay", "198.51.100.7:40001"]
     assert " ".join(columns[4:]) == "2.0 KiB 100 B 50.0 ms 12 s"  # rx, tx, rtt, age
+
+
+def test_relay_limits_are_flags_with_their_defaults_shown() -> None:
+    text = invoke("relay", "--help").stdout
+    for flag, default in (
+        ("--max-clients", "20000"),
+        ("--max-pending-logins", "1000"),
+        ("--auth-timeout", "10.0"),
+        ("--auth-failures", "20"),
+        ("--conn-rate", "20.0"),
+        ("--stun-rate", "50.0"),
+        ("--stun-burst", "200"),
+    ):
+        assert flag in text, flag
+        entry = " ".join(text[text.index(f"\n  {flag} ") :].split())  # its own entry; click wraps the help
+        assert entry[entry.index("[default: ") :].startswith(f"[default: {default}"), (flag, default)
+
+
+def test_relay_refuses_a_zero_stun_rate(tmp_path: Path) -> None:
+    result = invoke("relay", "--members", f"net:{tmp_path / 'm'}", "--insecure", "--stun-rate", "0")
+    assert result.exit_code == 2 and "--stun-rate" in result.output
+
+
+def test_connect_refuses_a_relay_checkin_out_of_range() -> None:
+    result = invoke(
+        "connect", "--relay", "wss://r:1", "--network", "n", "--identity", "k", "--address", "10.10.10.3/24",
+        "--relay-checkin", "5",
+    )  # fmt: skip
+    assert result.exit_code != 0 and "--relay-checkin" in result.output
