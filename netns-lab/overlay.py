@@ -10,6 +10,7 @@ its log with a deadline, never by sleeping and hoping.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 import json
 import re
@@ -19,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,21 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1)
         if time.monotonic() >= deadline:
             raise OverlayError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def running(lab: Any, workdir: Path, **kwargs: Any) -> Iterator[Overlay]:
+    """Bring ``lab`` up and yield an :class:`Overlay` on it; afterwards stop every process it
+    started and take the lab down, whatever happened (a lab test's fixture in one line)."""
+    try:
+        lab.up()
+        run = Overlay(lab, workdir, **kwargs)
+        try:
+            yield run
+        finally:
+            run.stop_all()
+    finally:
+        lab.down()
 
 
 @dataclass

@@ -57,9 +57,7 @@ def _start(run: Any, name: str, *, direct: bool) -> None:
 @pytest.fixture(scope="module")
 def overlay(lab_module: ModuleType, lab_prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     lab = lab_module.Lab(nat_a="cone", nat_b="cone")
-    try:
-        lab.up()
-        run = overlay_module.Overlay(lab, tmp_path_factory.mktemp("hostile-relay"))
+    with overlay_module.running(lab, tmp_path_factory.mktemp("hostile-relay")) as run:
         for name in ADDRESS:
             run.keygen(name)
         run.recording = run.workdir / "recording.bin"
@@ -68,12 +66,6 @@ def overlay(lab_module: ModuleType, lab_prerequisites: None, tmp_path_factory: p
         for name in ADDRESS:
             _start(run, name, direct=False)
         yield run
-    finally:
-        try:
-            if "run" in locals():
-                run.stop_all()
-        finally:
-            lab.down()
 
 
 # --- helpers ----------------------------------------------------------------------------

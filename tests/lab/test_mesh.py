@@ -70,21 +70,13 @@ with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
 def mesh(lab_prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The four-site mesh with its relay and a node per peer (named after the peer: p1..p4)."""
     lab = mesh_module.MeshLab(SITES)
-    try:
-        lab.up()
-        run = overlay_module.Overlay(lab, tmp_path_factory.mktemp("mesh"))
+    with overlay_module.running(lab, tmp_path_factory.mktemp("mesh")) as run:
         for peer in lab.peers:
             run.keygen(peer)
         run.start_relay(run.write_members(lab.peers))
         for peer in lab.peers:
             run.start_peer(peer, peer, extra=NODE_FLAGS)
         yield run
-    finally:
-        try:
-            if "run" in locals():
-                run.stop_all()
-        finally:
-            lab.down()
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -35,9 +35,7 @@ def _received(ping_output: str) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def overlay(lab_module: ModuleType, lab_prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     lab = lab_module.Lab(nat_a="cone", nat_b="cone")
-    try:
-        lab.up()
-        run = overlay_module.Overlay(lab, tmp_path_factory.mktemp("relay-path"))
+    with overlay_module.running(lab, tmp_path_factory.mktemp("relay-path")) as run:
         for name in ("a", "b", "stranger"):
             run.keygen(name)
         members = run.write_members(["a", "b"])
@@ -46,12 +44,6 @@ def overlay(lab_module: ModuleType, lab_prerequisites: None, tmp_path_factory: p
         run.start_peer("a", "a", extra=["--no-direct"])
         run.start_peer("b", "b", extra=["--no-direct", "--members", str(members)])
         yield run
-    finally:
-        try:
-            if "run" in locals():
-                run.stop_all()
-        finally:
-            lab.down()
 
 
 def test_peers_reach_established_on_the_relay_path(overlay: Any) -> None:

@@ -34,21 +34,13 @@ C_ARGS = ["--tap", "tap1", "--address", "10.10.10.5/32", "--no-direct"]
 @pytest.fixture(scope="module")
 def overlay(lab_module: ModuleType, lab_prerequisites: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     lab = lab_module.Lab(nat_a="cone", nat_b="cone")
-    try:
-        lab.up()
-        run = overlay_module.Overlay(lab, tmp_path_factory.mktemp("reload"))
+    with overlay_module.running(lab, tmp_path_factory.mktemp("reload")) as run:
         for name in ("a", "b", "c"):
             run.keygen(name)
         run.start_relay(run.write_members(["a", "b"], "relay.members"))
         run.start_peer("a", "a", extra=["--members", str(run.write_members(["b"], "a.members"))])
         run.start_peer("b", "b", extra=["--relay-standby", "keep"])
         yield run
-    finally:
-        try:
-            if "run" in locals():
-                run.stop_all()
-        finally:
-            lab.down()
 
 
 def sessions(overlay: Any, name: str) -> dict[str, tuple[str, str | None]]:
