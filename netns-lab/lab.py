@@ -392,7 +392,115 @@ def _interfaces(ns: str) -> list[dict[str, Any]]:
 # --- the lab -------------------------------------------------------------------------------
 
 
-class Lab:
+class NamespaceSet:
+    """What every lab shares (:class:`Lab`, and ``mesh.py``'s ``MeshLab``): commands run inside
+    its namespaces, the processes it started, and building and tearing down all of it.
+
+    A subclass plans ``prefix``, ``state_dir``, ``namespaces`` and ``ns(role)``, starts with
+    ``_procs = []`` and ``_up = False``, and provides ``_build()`` and ``_write_state()``.
+    """
+
+    prefix: str
+    state_dir: Path
+    _procs: list[subprocess.Popen[Any]]
+    _up: bool
+
+    @property
+    def namespaces(self) -> list[str]:
+        raise NotImplementedError
+
+    def ns(self, role: str) -> str:
+        raise NotImplementedError
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _write_state(self) -> None:
+        raise NotImplementedError
+
+    # -- running things inside ------------------------------------------------------------
+
+    def exec_argv(self, role: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside the namespace of ``role``."""
+        return ["ip", "netns", "exec", self.ns(role), *argv]
+
+    def run(
+        self, role: str, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
+        """Run a command to completion inside ``role``; output is captured as text unless
+        ``stdout``/``stderr`` are given. ``check`` raises LabCommandError on non-zero exit."""
+        if "stdout" not in kwargs and "stderr" not in kwargs:
+            kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        full = self.exec_argv(role, argv)
+        proc = subprocess.run(full, timeout=timeout, check=False, **kwargs)
+        if check and proc.returncode != 0:
+            raise LabCommandError(full, proc.returncode, proc.stdout or "", proc.stderr or "")
+        return proc
+
+    def popen(self, role: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a long-running command inside ``role``. ``down()`` kills and reaps it."""
+        # `ip netns exec` execs the command, so the Popen pid is the command itself.
+        proc = subprocess.Popen(self.exec_argv(role, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        self.up()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
+    def up(self) -> Self:
+        """Build every namespace, link, address, route, sysctl and ruleset. On any failure
+        the partial lab is torn down before the LabError propagates."""
+        if self._up:
+            return self
+        check_prerequisites()
+        taken = set(list_namespaces()) & set(self.namespaces)
+        if taken:
+            raise LabError(f"namespaces {sorted(taken)} exist: pick another prefix or run `lab.py down --all`")
+        try:
+            self._build()
+            self._write_state()
+        except BaseException:
+            self.down()
+            raise
+        self._up = True
+        return self
+
+    def down(self) -> None:
+        """Kill every process in the lab's namespaces and delete them. Safe to call twice,
+        or on a lab that never came up."""
+        try:
+            _teardown_prefix(self.prefix, self.state_dir)
+        finally:
+            for proc in self._procs:
+                # Killed above via `ip netns pids`; this reaps them (and catches any that
+                # were still in `ip netns exec` before entering the namespace).
+                if proc.poll() is None:
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+            self._procs.clear()
+            self._up = False
+
+    def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
+        # Both ends are created directly inside lab namespaces: nothing ever appears in
+        # the root namespace, not even for an instant.
+        _run(["ip", "link", "add", name1, "netns", ns1, "type", "veth", "peer", "name", name2, "netns", ns2])
+        _run(["ip", "-n", ns1, "link", "set", name1, "up"])
+        _run(["ip", "-n", ns2, "link", "set", name2, "up"])
+
+    def _sysctl(self, ns: str, setting: str) -> None:
+        # Inside the namespace only: net.ipv4.* sysctls are per network namespace.
+        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", setting])
+
+
+class Lab(NamespaceSet):
     """One NAT lab: a WAN, and for each of peers a and b a NAT (per profile) and a host.
 
     ``Lab(nat_a="cone", nat_b="symseq")`` plans names and addresses; ``up()`` builds it,
@@ -519,76 +627,6 @@ class Lab:
         outer = f"cgn-{peer}" if self.profiles[peer] == "double" else f"nat-{peer}"
         return self.addresses[outer][0].split("/")[0]
 
-    # -- running things inside ------------------------------------------------------------
-
-    def exec_argv(self, role: str, argv: Sequence[str]) -> list[str]:
-        """``argv`` wrapped to run inside the namespace of ``role``."""
-        return ["ip", "netns", "exec", self.ns(role), *argv]
-
-    def run(
-        self, role: str, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S, **kwargs: Any
-    ) -> subprocess.CompletedProcess[Any]:
-        """Run a command to completion inside ``role``; output is captured as text unless
-        ``stdout``/``stderr`` are given. ``check`` raises LabCommandError on non-zero exit."""
-        if "stdout" not in kwargs and "stderr" not in kwargs:
-            kwargs.setdefault("capture_output", True)
-        kwargs.setdefault("text", True)
-        full = self.exec_argv(role, argv)
-        proc = subprocess.run(full, timeout=timeout, check=False, **kwargs)
-        if check and proc.returncode != 0:
-            raise LabCommandError(full, proc.returncode, proc.stdout or "", proc.stderr or "")
-        return proc
-
-    def popen(self, role: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start a long-running command inside ``role``. ``down()`` kills and reaps it."""
-        # `ip netns exec` execs the command, so the Popen pid is the command itself.
-        proc = subprocess.Popen(self.exec_argv(role, argv), **kwargs)
-        self._procs.append(proc)
-        return proc
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        self.up()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.down()
-
-    def up(self) -> Self:
-        """Build every namespace, link, address, route, sysctl and ruleset. On any failure
-        the partial lab is torn down before the LabError propagates."""
-        if self._up:
-            return self
-        check_prerequisites()
-        taken = set(list_namespaces()) & set(self.namespaces)
-        if taken:
-            raise LabError(f"namespaces {sorted(taken)} exist: pick another prefix or run `lab.py down --all`")
-        try:
-            self._build()
-            self._write_state()
-        except BaseException:
-            self.down()
-            raise
-        self._up = True
-        return self
-
-    def down(self) -> None:
-        """Kill every process in the lab's namespaces and delete them. Safe to call twice,
-        or on a lab that never came up."""
-        try:
-            _teardown_prefix(self.prefix, self.state_dir)
-        finally:
-            for proc in self._procs:
-                # Killed above via `ip netns pids`; this reaps them (and catches any that
-                # were still in `ip netns exec` before entering the namespace).
-                if proc.poll() is None:
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-            self._procs.clear()
-            self._up = False
-
     def _build(self) -> None:
         for ns in self.namespaces:
             _run(["ip", "netns", "add", ns])
@@ -610,13 +648,6 @@ class Lab:
         for peer in PEERS:
             if self.has_delay_link(peer):
                 self._start_delay_forwarder(peer)
-
-    def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
-        # Both ends are created directly inside lab namespaces: nothing ever appears in
-        # the root namespace, not even for an instant.
-        _run(["ip", "link", "add", name1, "netns", ns1, "type", "veth", "peer", "name", name2, "netns", ns2])
-        _run(["ip", "-n", ns1, "link", "set", name1, "up"])
-        _run(["ip", "-n", ns2, "link", "set", name2, "up"])
 
     def _addr(self, ns: str, cidr: str, dev: str) -> None:
         _run(["ip", "-n", ns, "addr", "add", cidr, "dev", dev])
@@ -755,10 +786,6 @@ class Lab:
         if profile == "udpblock":
             return ruleset_udpblock()
         raise LabError(f"no ruleset for profile {profile!r}")
-
-    def _sysctl(self, ns: str, setting: str) -> None:
-        # Inside the namespace only: net.ipv4.* sysctls are per network namespace.
-        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", setting])
 
     def _load_ruleset(self, ns: str, ruleset: str) -> None:
         _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset)

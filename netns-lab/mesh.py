@@ -30,7 +30,6 @@ LAN is a switch: their traffic never crosses the NAT's rules).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import secrets
@@ -40,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Self
+from typing import Any
 
 
 def _load_lab() -> ModuleType:
@@ -124,7 +123,7 @@ def predicted_path(
     return None
 
 
-class MeshLab:
+class MeshLab(lab.NamespaceSet):
     """One multi-site lab. ``MeshLab(["cone", "symseq:2"])`` plans names and addresses; ``up()``
     builds it, ``down()`` (idempotent) kills every process inside and deletes the namespaces."""
 
@@ -227,68 +226,6 @@ class MeshLab:
         """The peer's TAP address, as CIDR (what ``traversal connect --address`` takes)."""
         return f"{OVERLAY_PREFIX}.{OVERLAY_HOST_BASE + int(peer[1:])}/24"
 
-    # -- running things inside (as Lab) --------------------------------------------------
-
-    def exec_argv(self, role: str, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(role), *argv]
-
-    def run(
-        self, role: str, *argv: str, check: bool = True, timeout: float = lab.COMMAND_TIMEOUT_S, **kwargs: Any
-    ) -> subprocess.CompletedProcess[Any]:
-        """Run a command to completion inside ``role`` (as :meth:`Lab.run`)."""
-        if "stdout" not in kwargs and "stderr" not in kwargs:
-            kwargs.setdefault("capture_output", True)
-        kwargs.setdefault("text", True)
-        full = self.exec_argv(role, argv)
-        proc = subprocess.run(full, timeout=timeout, check=False, **kwargs)
-        if check and proc.returncode != 0:
-            raise lab.LabCommandError(full, proc.returncode, proc.stdout or "", proc.stderr or "")
-        return proc
-
-    def popen(self, role: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start a long-running command inside ``role``; ``down()`` kills and reaps it."""
-        proc = subprocess.Popen(self.exec_argv(role, argv), **kwargs)
-        self._procs.append(proc)
-        return proc
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        return self.up()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.down()
-
-    def up(self) -> Self:
-        """Build everything; on any failure the partial mesh is torn down before the error propagates."""
-        if self._up:
-            return self
-        lab.check_prerequisites()
-        taken = set(lab.list_namespaces()) & set(self.namespaces)
-        if taken:
-            raise LabError(f"namespaces {sorted(taken)} exist: pick another prefix or run `lab.py down --all`")
-        try:
-            self._build()
-            self._write_state()
-        except BaseException:
-            self.down()
-            raise
-        self._up = True
-        return self
-
-    def down(self) -> None:
-        """Kill every process in the mesh's namespaces and delete them (safe to call twice)."""
-        try:
-            lab._teardown_prefix(self.prefix, self.state_dir)
-        finally:
-            for proc in self._procs:
-                if proc.poll() is None:
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-            self._procs.clear()
-            self._up = False
-
     def _build(self) -> None:
         for ns in self.namespaces:
             lab._run(["ip", "netns", "add", ns])
@@ -300,15 +237,6 @@ class MeshLab:
         lab._run(["ip", "-n", wan, "link", "set", "br0", "up"])
         for site in self.profiles:
             self._build_site(site)
-
-    def _veth(self, ns1: str, name1: str, ns2: str, name2: str) -> None:
-        # Both ends are born inside lab namespaces: nothing appears in the root namespace.
-        lab._run(["ip", "link", "add", name1, "netns", ns1, "type", "veth", "peer", "name", name2, "netns", ns2])
-        lab._run(["ip", "-n", ns1, "link", "set", name1, "up"])
-        lab._run(["ip", "-n", ns2, "link", "set", name2, "up"])
-
-    def _sysctl(self, ns: str, setting: str) -> None:
-        lab._run(["ip", "netns", "exec", ns, "sysctl", "-qw", setting])
 
     def _bridge(self, ns: str, name: str, ports: Iterable[str]) -> None:
         lab._run(["ip", "-n", ns, "link", "add", name, "type", "bridge"])
