@@ -986,8 +986,8 @@ def summary_markdown(r: Results) -> list[str]:
         "",
         f"What limits it: {limit}. The weak point is a reconnect storm: of more than about "
         f"{_about(c.storm_logins)} logins at once (what the relay's CPU admits within a client's "
-        f"{LOGIN_TIMEOUT:.0f} s login timeout) the excess time out and retry, and nothing refuses clients beyond "
-        "capacity yet (a max-clients setting is a later issue).",
+        f"{LOGIN_TIMEOUT:.0f} s login timeout) the excess time out and retry, unless `--max-pending-logins` "
+        "refuses them first with OVERLOADED (see SECURITY.md).",
     ]
 
 
@@ -1120,9 +1120,9 @@ def _limit_paragraphs(r: Results) -> list[str]:
         "needs a descriptor too. `--relay-nofile 1024 --clients 1200` reproduces it (both limits 1024, which the "
         "relay cannot raise).",
         "",
-        "**No maximum number of clients yet.** Nothing refuses a client before memory, descriptors or CPU run "
-        "out (ErrorCode.OVERLOADED exists in transport/frames.py but nothing sends it); a max-clients setting is "
-        "the subject of a later issue.",
+        "**Limits.** The relay refuses one client more than `--max-clients` (20,000 by default) with OVERLOADED, "
+        "and logins beyond `--max-pending-logins` (1,000) the same way, before memory, descriptors or CPU run out; "
+        "SECURITY.md lists every limit.",
     ]
     saturation = (
         f"**Where it saturates.** Of what grows with idle clients, this machine's {_mem_total_gib():.1f} GiB of RAM "

@@ -339,7 +339,8 @@ def render(data: dict[str, dict[str, Any] | None], context: Context) -> str:
         "",
         "`make bench` (root; installs iperf3, wireguard-go, tinc and n2n from Debian if missing) runs",
         "`bench/throughput.py`, `bench/time_to_direct.py`, `bench/switch.py`, `bench/relay_capacity.py`,",
-        "`bench/soak.py` and `bench/hostile_clients.py`, then this script.",
+        "`bench/soak.py`, `bench/hostile_clients.py` and `bench/mesh.py` (twice: every NAT profile, and `--sites` "
+        "of NATs that all allow direct paths), then this script.",
     ]
     return "\n".join(lines)
 

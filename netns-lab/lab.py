@@ -995,7 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(state, indent=2))
             else:
                 _print_lab(state)
-                print(f"tear down with: {sys.argv[0]} down --prefix {lab.prefix}")
+                print(f"tear down with: {sys.executable} {sys.argv[0]} down --prefix {lab.prefix}")
         elif args.command == "down":
             if args.all:
                 deleted = down_all("tv*", state_dir=state_dir)

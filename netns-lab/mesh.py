@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(mesh.state(), indent=2))
             else:
                 _print(mesh.state())
-                print(f"tear down with: {sys.argv[0]} down --prefix {mesh.prefix}")
+                print(f"tear down with: {sys.executable} {sys.argv[0]} down --prefix {mesh.prefix}")
         else:
             if not lab.PREFIX_RE.match(args.prefix):
                 raise LabError(f"bad prefix {args.prefix!r}: lab prefixes look like tv1a2b")

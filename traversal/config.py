@@ -99,7 +99,7 @@ class MembersChange:
 
     def summary(self) -> str:
         """``+1 -0 (3 members)``: the counts an operator checks after a reload."""
-        return f"+{len(self.added)} -{len(self.removed)} ({self.total} members)"
+        return f"+{len(self.added)} -{len(self.removed)} ({self.total} member{'' if self.total == 1 else 's'})"
 
 
 def diff_members(old: frozenset[bytes], new: frozenset[bytes]) -> MembersChange:

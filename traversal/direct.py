@@ -58,7 +58,7 @@ from transport.wsquic import (
 from traversal.candidates import CandidateError, CandidateOffer, decode_offer, encode_offer, observed_candidates
 from traversal.ice import IceAgent, IceFailed, NominatedPair
 from traversal.logfmt import log_event
-from traversal.peer import PeerLink
+from traversal.peer import LinkState, PeerLink
 
 log = logging.getLogger("traversal.direct")
 
@@ -596,7 +596,8 @@ class DirectPathManager:
         # How long the switch took: from the last sign of life of the direct path (a cut) or now.
         took_ms = (lost_at - self.link.paths.last_ack) * 1000 if not linger else 0.0
         self._record("relay", reason, took_ms)
-        level = logging.INFO if linger else logging.WARNING
+        # Expected (a lingering switch, or the peer said BYE and closed its end): not a warning.
+        level = logging.INFO if linger or self.link.state is LinkState.CLOSED else logging.WARNING
         log_event(log, "path", level, peer=self.link.peer_name, session=self.link.sid, path="relay", reason=reason)
         self._on_change(self.link)
         if self.controlling and not self.pinned_relay:

@@ -224,7 +224,7 @@ def test_diff_members_says_who_came_and_who_went() -> None:
     assert change == MembersChange(added=frozenset({c}), removed=frozenset({a}), total=2)
     assert change.changed and change.summary() == "+1 -1 (2 members)"
     same = diff_members(frozenset({a}), frozenset({a}))
-    assert not same.changed and same.summary() == "+0 -0 (1 members)"
+    assert not same.changed and same.summary() == "+0 -0 (1 member)"
 
 
 def test_diff_networks_per_network_in_name_order() -> None:

@@ -113,7 +113,7 @@ def test_reload_adds_and_removes_members_keeping_the_sessions_of_those_who_stay(
     lines = reload_lines(caplog)
     assert any(line.startswith("event=evicted ") and "network=chr-001" in line for line in lines), lines
     (summary,) = [line for line in lines if line.startswith("event=members_reloaded ")]
-    assert 'changes="chr-001 +1 -1 (3 members); chr-002 +0 -0 (1 members)"' in summary
+    assert 'changes="chr-001 +1 -1 (3 members); chr-002 +0 -0 (1 member)"' in summary
     assert "changed=1" in summary
 
 
