@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import pytest
 from tests.unit.test_node_members import InTestRelay, events, make_node, peers, run
 from transport import frames
 from transport.frames import MsgType
-from transport.identity import generate_identity
+from transport.identity import generate_identity, public_bytes
+from transport.paths import Route
 from traversal.node import Node
 from traversal.peer import LinkState
 
@@ -130,5 +132,60 @@ def test_a_member_the_relay_no_longer_lists_is_dropped_when_we_trust_the_relay(
         c._on_relay_frame(frames.encode(frames.Members(100_000, ())))
         assert set(peers(c)) == {a.identity_raw, b.identity_raw}
         assert c.known_members() is None
+
+    run(body)
+
+
+def test_a_node_that_let_the_relay_go_checks_in_on_time_or_when_needed(tmp_path: Path) -> None:
+    async def body() -> None:
+        node = make_node(tmp_path, generate_identity(), "a")
+        node.config.direct.checkin = 0.05
+        assert await asyncio.wait_for(node._wait_unparked(), 2) == "check-in: hear of members added since"
+        node.config.direct.checkin = 0  # never: only a need brings it back
+        waiting = asyncio.ensure_future(node._wait_unparked())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        node._unpark.set()
+        assert await asyncio.wait_for(waiting, 2) == "a peer needs the relay again"
+
+    run(body)
+
+
+class FakeRelayConnection:
+    """Stands in for the node's relay connection: only whether it was closed matters here."""
+
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_the_relay_is_let_go_only_once_every_known_member_is_direct(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="traversal")
+
+    async def body() -> None:
+        _relay, (a, b, c) = mesh_of_three(tmp_path)
+        relay = FakeRelayConnection()
+        a.relay = relay  # type: ignore[assignment]
+        for link in a.links.values():  # both of a's peers reached directly, both ways
+            link.paths = types.SimpleNamespace(both_direct=True, route=Route.DIRECT)  # type: ignore[assignment]
+        d = generate_identity()
+        members = sorted([a.identity_raw, b.identity_raw, c.identity_raw, public_bytes(d)])
+        a._on_relay_frame(frames.encode(frames.Members(4, tuple(members))))
+        await asyncio.sleep(0)
+        # d is a member but not online: a keeps its relay connection to hear when d comes.
+        assert not a._parked and not relay.closed
+        assert a.members_missing() == {public_bytes(d)}
+        assert any("1 member(s) not reached directly" in line for line in events(caplog, "relay_kept"))
+        # d is removed from the network: every member a knows of is direct, so the relay goes.
+        a._on_relay_frame(frames.encode(frames.Members(3, tuple(m for m in members if m != public_bytes(d)))))
+        await asyncio.sleep(0)
+        assert a._parked and relay.closed
+        # c is lost for good: a logs in again, or it would never hear of c's return.
+        (c_session,) = [sid for sid, link in a.links.items() if link.peer == c.identity_raw]
+        a._forget_link(c_session)
+        assert a._unpark.is_set()
 
     run(body)
