@@ -56,6 +56,7 @@ DIRECT_PAIRS = [
     ("cone", "symseq"),
     ("symseq", "symseq"),
     ("double", "cone"),
+    ("double", "symseq"),
 ]
 
 #: Pairs expected to stay on the relay: UDP blocked on one side (even facing the most open
