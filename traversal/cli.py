@@ -291,6 +291,7 @@ def relay(
     from transport.constants import MAX_MTU, MIN_MTU
 
     setup_logging(verbose)
+    _hold_sighup()
     host, port = _split_hostport(listen, "--listen")
     if not members:
         raise UserError("no --members NETWORK:FILE given: the relay would admit nobody")
@@ -459,6 +460,7 @@ def connect(
     from traversal.relay_client import RelayRefused, validate_relay_url
 
     setup_logging(verbose)
+    _hold_sighup()
     missing = [
         flag
         for flag, value in (
@@ -530,6 +532,13 @@ def connect(
         if isinstance(exc, (TapError, _ControlError)):
             raise UserError(str(exc)) from None
         raise
+
+
+def _hold_sighup() -> None:
+    """SIGHUP means "re-read the members files" once the loop handles it; until then it must
+    not end the process (a reload sent while the relay or node is still starting)."""
+    with contextlib.suppress(ValueError, OSError):  # not the main thread (tests): nothing to hold
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _direct_settings(
