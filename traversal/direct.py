@@ -194,6 +194,8 @@ class DirectCarriage:
 #: most: long enough for the peer's offer and our first checks, short enough that a silent peer
 #: delays the node's other attempts by little.
 SEQUENTIAL_TURN_S = 1.0
+#: How long an attempt waits for the node's first NAT measurement before gathering anyway.
+FIRST_TURN_WAIT_S = 1.0
 #: Retries come up to this fraction of the retry interval early, at random.
 RETRY_JITTER = 0.2
 
@@ -397,7 +399,15 @@ class DirectPathManager:
             # holds its turn until its first checks are out, for a bounded time (a peer slow to
             # answer must not stall every other attempt of the node).
             if turns.sequential is not False:
-                await turn.take()
+                # Unknown yet: wait for the first measurement briefly (a STUN server that never
+                # answers must not hold every attempt up; a NAT that numbers ports in sequence
+                # answers fast). Known to be sequential: wait our turn, within our deadline.
+                wait = FIRST_TURN_WAIT_S if turns.sequential is None else max(0.0, deadline - self._loop.time())
+                try:
+                    async with asyncio.timeout(wait):
+                        await turn.take()
+                except TimeoutError:
+                    pass  # go on without a turn
                 if turns.sequential is False:
                     turn.give_back()  # measured while we waited: no need
             local = await agent.gather(timeout=min(ICE_GATHER_TIMEOUT, self._left(deadline, "STUN answers")))

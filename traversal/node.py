@@ -441,7 +441,8 @@ class Node:
             eth = link.receive_data(frame.payload, now)
             if eth is not None:
                 if eth:  # empty: opened but out of bounds, dropped and counted
-                    self.switch.learn(eth, link.peer, now)
+                    if len(self.links) > 1:  # with one peer there is nothing to choose
+                        self.switch.learn(eth, link.peer, now)
                     self.tap.write(eth)
                 return
         try:
@@ -455,7 +456,8 @@ class Node:
         self._send_link(link, out)
         if delivered and self.tap is not None:
             for eth in delivered:
-                self.switch.learn(eth, link.peer, now)
+                if len(self.links) > 1:
+                    self.switch.learn(eth, link.peer, now)
                 self.tap.write(eth)
         if link.state is LinkState.CLOSED:
             self._forget_link(link.session_id)
@@ -484,7 +486,8 @@ class Node:
             eth = link.receive_data(record, now)  # the hot path; None: the general one below
             if eth is not None:
                 if eth:  # empty: opened but out of bounds, dropped and counted
-                    self.switch.learn(eth, link.peer, now)
+                    if len(self.links) > 1:  # with one peer there is nothing to choose
+                        self.switch.learn(eth, link.peer, now)
                     self.tap.write(eth)
                 return
         try:
